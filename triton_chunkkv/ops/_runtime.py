@@ -1,0 +1,107 @@
+"""Where an op runs (Triton kernel or torch reference) and how its kernels are tuned.
+
+* CUDA tensors run the Triton kernels; CPU tensors run them when ``TRITON_INTERPRET=1`` and
+  the torch reference otherwise.
+* :func:`tuned` wraps ``triton.autotune``. Under the interpreter the autotuner cannot run
+  ("0 active drivers"), so a fixed config is launched instead. On a GPU the configs committed
+  in ``triton_chunkkv/autotune_cache/<gpu>.json`` are used first, so a warm start never
+  re-tunes; shapes missing from that file are tuned, and ``python -m
+  triton_chunkkv.autotune_cache`` writes the tuned configs back.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import triton
+
+CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
+
+TUNED_KERNELS: dict[str, "TunedKernel"] = {}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """True when ``tensor``'s op should run the Triton kernel rather than the reference."""
+    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket used in autotune keys, so that every length does not re-tune."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def gpu_name() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+
+
+@functools.cache
+def committed_configs(device_name: str) -> dict:
+    path = CACHE_DIR / f"{device_name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def config_to_json(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
+            "num_stages": config.num_stages}
+
+
+class TunedKernel:
+    """A ``@triton.jit`` kernel launched with a committed, autotuned or fixed config.
+
+    ``key`` names keyword arguments of the launch (pass them by keyword, already bucketed).
+    """
+
+    def __init__(self, kernel, configs, key, interpret_config: triton.Config):
+        self.kernel = kernel
+        self.name = kernel.fn.__name__
+        self.key = list(key)
+        self.configs = list(configs)
+        self.interpret_config = interpret_config
+        options = {"cache_results": True} if "cache_results" in inspect.signature(
+            triton.autotune).parameters else {}
+        self.autotuned = triton.autotune(configs=self.configs, key=self.key, **options)(kernel)
+        TUNED_KERNELS[self.name] = self
+
+    def key_string(self, kwargs) -> str:
+        return ",".join(f"{name}={kwargs[name]}" for name in self.key)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if interpreting():
+                return self._launch_with(self.interpret_config, grid, args, kwargs)
+            committed = committed_configs(gpu_name()).get(self.name, {})
+            config = committed.get(self.key_string(kwargs))
+            if config is not None:
+                return self._launch_with(
+                    triton.Config(config["kwargs"], num_warps=config["num_warps"],
+                                  num_stages=config["num_stages"]), grid, args, kwargs)
+            return self.autotuned[grid](*args, **kwargs)
+
+        return launch
+
+    def _launch_with(self, config: triton.Config, grid, args, kwargs):
+        return self.kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
+
+    def tuned_configs(self) -> dict:
+        """``{key string: config}`` for every shape the autotuner has tuned in this process."""
+        out = {}
+        for key_values, config in self.autotuned.cache.items():
+            named = dict(zip(self.key, key_values))
+            out[self.key_string(named)] = config_to_json(config)
+        return out
+
+
+def tuned(configs, key, interpret_config: triton.Config):
+    """Decorator form of :class:`TunedKernel`, applied on top of ``@triton.jit``."""
+    return lambda kernel: TunedKernel(kernel, configs, key, interpret_config)

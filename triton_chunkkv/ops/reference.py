@@ -1,0 +1,221 @@
+"""Plain-torch ChunkKV: the executable form of ``SPEC.md``, one function per step.
+
+The Triton kernels are tested against these functions, and CPU tensors run them when
+``TRITON_INTERPRET`` is not set. Everything is written for clarity, not speed: step 1
+materializes the ``[B, Hq, w, T]`` window probabilities that the kernels never store.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class Compressed(NamedTuple):
+    """One layer's compressed cache (SPEC step 7) and the indices that produced it."""
+
+    keys: torch.Tensor  # [B, Hkv, n_keep * c + tail_len, D]
+    values: torch.Tensor  # same shape as keys
+    chunk_idx: torch.Tensor  # int32 [B, Hkv, n_keep], sorted ascending
+    tail_start: int  # P0: the dense tail [P0, T) is always kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 1-2: window attention and token scores
+# ---------------------------------------------------------------------------------------------
+
+
+def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
+    """SPEC step 1: float32 ``[B, Hq, w, T]`` softmax of the window queries over the keys.
+
+    A window query whose every key is masked (only possible under padding) gets all-zero
+    probabilities instead of NaN, so it adds nothing to the scores.
+    """
+    B, Hq, w, D = q_obs.shape
+    T = k.shape[2]
+    g = Hq // k.shape[1]
+    scaling = D**-0.5 if scaling is None else scaling
+    keys = k.float().repeat_interleave(g, dim=1)
+    logits = scaling * torch.einsum("bhid,bhtd->bhit", q_obs.float(), keys)
+    query_pos = torch.arange(T - w, T, device=k.device)[:, None]
+    allowed = torch.arange(T, device=k.device)[None, :] <= query_pos  # [w, T] causal
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
+    """SPEC step 2: float32 ``[B, Hkv, T]``, the window-summed probabilities averaged over
+    each KV head's GQA group, then optionally average-pooled (zero padded, divisor ``p``)."""
+    B, Hq, w, T = probs.shape
+    g = Hq // num_kv_heads
+    scores = probs.sum(dim=2).view(B, num_kv_heads, g, T).mean(dim=2)
+    if pool_kernel > 1:
+        flat = scores.reshape(B * num_kv_heads, 1, T)
+        flat = torch.nn.functional.avg_pool1d(flat, pool_kernel, 1, pool_kernel // 2)
+        scores = flat.view(B, num_kv_heads, T)
+    return scores
+
+
+def window_scores(q_obs, k, *, key_mask=None, scaling=None, pool_kernel=1) -> torch.Tensor:
+    """SPEC steps 1-2."""
+    probs = window_probs(q_obs, k, key_mask=key_mask, scaling=scaling)
+    return token_scores(probs, k.shape[1], pool_kernel=pool_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 3-6: tail, chunks, how many, which
+# ---------------------------------------------------------------------------------------------
+
+
+def tail_start(seq_len: int, chunk_size: int, window: int) -> int:
+    """SPEC step 3: ``P0``, the first position of the always-kept dense tail."""
+    return chunk_size * ((seq_len - window) // chunk_size)
+
+
+def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
+    """SPEC step 4: float32 ``[B, Hkv, n]`` sums of the token scores over each whole chunk."""
+    B, H, T = scores.shape
+    p0 = tail_start(T, chunk_size, window)
+    return scores[..., :p0].float().reshape(B, H, p0 // chunk_size, chunk_size).sum(dim=-1)
+
+
+def resolve_budget(seq_len: int, budget=None, ratio=None) -> int:
+    """``L`` in tokens per KV head: the budget itself, or ``floor(ratio * T)``."""
+    return budget if budget is not None else math.floor(ratio * seq_len)
+
+
+def num_kept_chunks(seq_len, budget, chunk_size, window) -> int | None:
+    """SPEC step 5: how many chunks stand beside the tail; ``None`` when nothing is dropped."""
+    if budget >= seq_len:
+        return None
+    p0 = tail_start(seq_len, chunk_size, window)
+    tail_len = seq_len - p0
+    return min(max((budget - tail_len) // chunk_size, 0), p0 // chunk_size)
+
+
+def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
+    """SPEC step 6: int32 ``[B, Hkv, n_keep]``, the top chunks (ties: lower index), ascending."""
+    B, H, n = chunk_scores.shape
+    scores = chunk_scores.float()
+    if share_heads:
+        scores = scores.sum(dim=1, keepdim=True).expand(B, H, n)
+    # A stable descending sort puts equal scores in index order: ties go to the lower index.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    return order.sort(dim=-1).values.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 7: the compacted cache
+# ---------------------------------------------------------------------------------------------
+
+
+def kept_positions(chunk_idx, chunk_size, tail_start, seq_len) -> torch.Tensor:
+    """int64 ``[B, Hkv, n_keep * c + seq_len - tail_start]``: the token positions step 7 keeps,
+    in order."""
+    B, H, n_keep = chunk_idx.shape
+    offsets = torch.arange(chunk_size, device=chunk_idx.device)
+    in_chunks = (chunk_idx.long()[..., None] * chunk_size + offsets).reshape(B, H, -1)
+    tail = torch.arange(tail_start, seq_len, device=chunk_idx.device).expand(B, H, -1)
+    return torch.cat([in_chunks, tail], dim=-1)
+
+
+def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
+    """SPEC step 7: the chosen chunks then the dense tail ``[tail_start, T)``, as fresh tensors."""
+    positions = kept_positions(chunk_idx, chunk_size, tail_start, k.shape[2])
+    index = positions[..., None].expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, index), v.gather(2, index)
+
+
+def all_chunks(batch, num_kv_heads, seq_len, chunk_size, window, device) -> torch.Tensor:
+    """The identity selection: every chunk index, int32 ``[B, Hkv, n]``."""
+    n = tail_start(seq_len, chunk_size, window) // chunk_size
+    return torch.arange(n, dtype=torch.int32, device=device).expand(batch, num_kv_heads, n)
+
+
+def compress(q_obs, k, v, *, budget=None, ratio=None, chunk_size=10, window=32, key_mask=None,
+             scaling=None, share_heads=False, pool_kernel=1) -> Compressed:
+    """SPEC steps 1-7 for one layer. Identity (same tensors, every chunk) when ``L >= T``."""
+    B, Hkv, T, _ = k.shape
+    p0 = tail_start(T, chunk_size, window)
+    n_keep = num_kept_chunks(T, resolve_budget(T, budget, ratio), chunk_size, window)
+    if n_keep is None:
+        return Compressed(k, v, all_chunks(B, Hkv, T, chunk_size, window, k.device), p0)
+    scores = window_scores(q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel)
+    chunk_idx = select_chunks(chunk_sum(scores, chunk_size, window), n_keep,
+                              share_heads=share_heads)
+    return Compressed(*gather_chunks(k, v, chunk_idx, chunk_size, p0), chunk_idx, p0)
+
+
+def compress_layers(layers: Sequence, *, reuse_layers=1, compress_fn=None, gather_fn=None,
+                    **kwargs) -> list[Compressed]:
+    """Layer-wise index reuse (SPEC Algorithm 2) over ``(q_obs, k, v)`` triples.
+
+    Layer ``l`` selects its own chunks when ``l % reuse_layers == 0`` and otherwise gathers
+    its own keys and values with the indices of layer ``reuse_layers * (l // reuse_layers)``;
+    a reused layer's ``q_obs`` is never read (it may be ``None``). ``compress_fn`` and
+    ``gather_fn`` (default: this module's) let the kernels share this loop.
+    """
+    compress_fn = compress_fn or compress
+    gather_fn = gather_fn or gather_chunks
+    out: list[Compressed] = []
+    for layer, (q_obs, k, v) in enumerate(layers):
+        first = reuse_layers * (layer // reuse_layers)
+        if layer == first:
+            out.append(compress_fn(q_obs, k, v, **kwargs))
+        elif out[first].keys is layers[first][1]:  # the group's first layer dropped nothing
+            out.append(Compressed(k, v, out[first].chunk_idx, out[first].tail_start))
+        else:
+            kept = gather_fn(k, v, out[first].chunk_idx, kwargs.get("chunk_size", 10),
+                             out[first].tail_start)
+            out.append(Compressed(*kept, out[first].chunk_idx, out[first].tail_start))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode over retained chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len) -> torch.Tensor:
+    """bool ``[B, Hkv, max_len]``: SPEC's ``R(b, h)``, the chosen chunks plus
+    ``[tail_start_b, seq_len_b)``. ``tail_start`` is an int or ``[B]``."""
+    B, H, n_keep = chunk_idx.shape
+    device = chunk_idx.device
+    pos = torch.arange(max_len, device=device)
+    tail = torch.as_tensor(tail_start, device=device).expand(B).long()
+    lens = torch.as_tensor(seq_lens, device=device).expand(B).long()
+    mask = (pos >= tail[:, None]) & (pos < lens[:, None])
+    mask = mask[:, None, :].expand(B, H, max_len).clone()
+    chunk_of_pos = (pos // chunk_size)[None, None, :, None]
+    in_chunks = (chunk_of_pos == chunk_idx.long()[:, :, None, :]).any(dim=-1)
+    return mask | in_chunks
+
+
+def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, *,
+                  scaling=None, slot_map=None) -> torch.Tensor:
+    """Exact softmax attention of ``q [B, Hq, D]`` over ``R(b, h)`` of the uncompacted cache.
+
+    ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]``, or ``[num_slots, Hkv, D]`` with
+    ``slot_map [B, S_max]`` giving each position's slot. Output ``[B, Hq, D]`` in ``q``'s dtype.
+    """
+    if q.dim() == 4:
+        q = q.squeeze(2)
+    if slot_map is not None:  # [num_slots, Hkv, D] -> [B, Hkv, S_max, D]
+        k_cache = k_cache[slot_map.long()].transpose(1, 2)
+        v_cache = v_cache[slot_map.long()].transpose(1, 2)
+    B, Hq, D = q.shape
+    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    g = Hq // Hkv
+    scaling = D**-0.5 if scaling is None else scaling
+    keep = retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max)
+    keys = k_cache.float().repeat_interleave(g, dim=1)
+    values = v_cache.float().repeat_interleave(g, dim=1)
+    logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)
+    logits = logits.masked_fill(~keep.repeat_interleave(g, dim=1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)
