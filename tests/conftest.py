@@ -2,6 +2,8 @@ import os
 
 # The kernels run on CPU tensors through the Triton interpreter; set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN / -1 so that a test sees any element a kernel failed to write.
+os.environ["TRITON_CHUNKKV_POISON_OUTPUTS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

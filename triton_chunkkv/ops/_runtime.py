@@ -35,6 +35,15 @@ def use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
 
 
+def empty_output(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs. With ``TRITON_CHUNKKV_POISON_OUTPUTS=1`` (the tests
+    set it) the buffer starts as NaN (floats) or -1 (ints), so an unwritten element shows."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("TRITON_CHUNKKV_POISON_OUTPUTS") == "1":
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket used in autotune keys, so that every length does not re-tune."""
     return 1 << max(int(n) - 1, 0).bit_length()
