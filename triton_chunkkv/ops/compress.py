@@ -76,6 +76,9 @@ def compress_layers(layers: Sequence, *, reuse_layers=1, budget=None, ratio=None
     check_int("reuse_layers", reuse_layers, minimum=1)
     for layer, (_, k, v) in enumerate(layers):
         check_options(budget, ratio, chunk_size, window, pool_kernel, k.shape[2])
+        if layer and tuple(k.shape) != tuple(layers[0][1].shape):
+            raise ValueError(f"layers[{layer}] k has shape {tuple(k.shape)}, expected the shape "
+                             f"of layers[0] k {tuple(layers[0][1].shape)}")
         # A reused layer's own q_obs is never read: its group leader's is checked instead.
         check_layer(layers[layer - layer % reuse_layers][0], k, v, key_mask, scaling, window)
     options = dict(budget=budget, ratio=ratio, chunk_size=chunk_size, window=window,

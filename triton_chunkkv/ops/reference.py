@@ -181,9 +181,11 @@ def compress_layers(layers: Sequence, *, reuse_layers=1, compress_fn=None, gathe
 # ---------------------------------------------------------------------------------------------
 
 
-def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len) -> torch.Tensor:
+def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len, *,
+                  chunk_counts=None) -> torch.Tensor:
     """bool ``[B, Hkv, max_len]``: SPEC's ``R(b, h)``, the chosen chunks plus
-    ``[tail_start_b, seq_len_b)``. ``tail_start`` is an int or ``[B]``."""
+    ``[tail_start_b, seq_len_b)``. ``tail_start`` and ``seq_lens`` are ints or ``[B]``; with
+    ``chunk_counts [B]``, row ``b`` uses only ``chunk_idx[b, :, :chunk_counts[b]]``."""
     B, H, n_keep = chunk_idx.shape
     device = chunk_idx.device
     pos = torch.arange(max_len, device=device)
@@ -191,31 +193,45 @@ def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len) -> torch
     lens = torch.as_tensor(seq_lens, device=device).expand(B).long()
     mask = (pos >= tail[:, None]) & (pos < lens[:, None])
     mask = mask[:, None, :].expand(B, H, max_len).clone()
+    idx = chunk_idx.long()
+    if chunk_counts is not None:  # entries past a row's count may hold anything: never match
+        unused = torch.arange(n_keep, device=device) >= chunk_counts.long()[:, None, None]
+        idx = idx.masked_fill(unused, -1)
     chunk_of_pos = (pos // chunk_size)[None, None, :, None]
-    in_chunks = (chunk_of_pos == chunk_idx.long()[:, :, None, :]).any(dim=-1)
+    in_chunks = (chunk_of_pos == idx[:, :, None, :]).any(dim=-1)
     return mask | in_chunks
 
 
 def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, *,
-                  scaling=None, slot_map=None) -> torch.Tensor:
-    """Exact softmax attention of ``q [B, Hq, D]`` over ``R(b, h)`` of the uncompacted cache.
+                  scaling=None, slot_map=None, row_offset=None,
+                  chunk_counts=None) -> torch.Tensor:
+    """Exact softmax attention of ``q [B, Hq, D]`` (or ``[B, Hq, 1, D]``) over ``R(b, h)`` of
+    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty.
 
-    ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]``, or ``[num_slots, Hkv, D]`` with
-    ``slot_map [B, S_max]`` giving each position's slot. Output ``[B, Hq, D]`` in ``q``'s dtype.
+    ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]`` (position ``p`` of row ``b`` at index
+    ``row_offset[b] + p``, default 0), or ``[num_slots, Hkv, D]`` with ``slot_map [B, S_max]``
+    giving each position's slot. Values outside ``R`` are never used, even NaN ones.
     """
     if q.dim() == 4:
         q = q.squeeze(2)
     if slot_map is not None:  # [num_slots, Hkv, D] -> [B, Hkv, S_max, D]
-        k_cache = k_cache[slot_map.long()].transpose(1, 2)
-        v_cache = v_cache[slot_map.long()].transpose(1, 2)
+        # Slots of positions outside R may hold anything; clamped, they are read and masked.
+        slots = slot_map.long().clamp(0, k_cache.shape[0] - 1)
+        k_cache, v_cache = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)
+    elif row_offset is not None:  # shift each row so that index p holds position p
+        S_max = k_cache.shape[2]
+        index = (row_offset.long()[:, None] + torch.arange(S_max, device=q.device))
+        index = index.clamp(max=S_max - 1)[:, None, :, None].expand_as(k_cache)
+        k_cache, v_cache = k_cache.gather(2, index), v_cache.gather(2, index)
     B, Hq, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv
     scaling = D**-0.5 if scaling is None else scaling
-    keep = retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max)
-    keys = k_cache.float().repeat_interleave(g, dim=1)
-    values = v_cache.float().repeat_interleave(g, dim=1)
+    keep = retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max,
+                         chunk_counts=chunk_counts).repeat_interleave(g, dim=1)
+    keys = k_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
+    values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
     logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)
-    logits = logits.masked_fill(~keep.repeat_interleave(g, dim=1), float("-inf"))
+    logits = logits.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)

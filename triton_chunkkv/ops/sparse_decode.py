@@ -1,11 +1,419 @@
-"""Block-sparse decode attention over the retained chunks of an uncompacted cache."""
+"""Block-sparse decode attention over the retained chunks of an uncompacted cache.
+
+One decode query per sequence attends to SPEC's ``R(b, h)`` (the kept chunks plus the dense
+range ``[tail_start_b, seq_len_b)``) read in place, flash-decoding style:
+
+1. ``_sparse_decode_split_kernel``, grid ``(B * Hkv, num_splits)``: each ``(b, h)`` walks its
+   retained set as one logical list of ``n_valid * c + seq_len_b - tail_start_b`` tokens
+   (logical ``j < n_valid * c`` is token ``j % c`` of chunk ``chunk_idx[j // c]``, the rest is
+   the tail), cut into ``num_splits`` equal ranges. A program takes the ``g`` query heads of
+   its KV head together as the M side of ``tl.dot`` (each K/V row is read once per KV head)
+   and writes an unnormalized partial output with its running max and sum.
+2. ``_merge_splits_kernel``, grid ``(B * Hq,)``: combines the partials by log-sum-exp.
+
+The split ranges are computed in the kernel from each row's own length, so the grid depends on
+shapes only: no host sync, and a ``validate=False`` call can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
+from ._checks import check_dim, check_gqa, check_int, check_same, check_tensor
+from ._runtime import empty_output, interpreting, tuned, use_triton
+
+# Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
+# outweighs the parallelism it adds.
+MIN_TOKENS_PER_SPLIT = 128
+MAX_SPLITS = 64
+# tl.dot needs M >= 16: the g query heads of a KV head are padded up to it.
+MIN_DOT_ROWS = 16
+
+INDEX_DTYPES = (torch.int32,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@tuned(
+    configs=[triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+             for block_n in (32, 64, 128) for num_warps in (4, 8) for num_stages in (2, 3)],
+    key=["BLOCK_G", "BLOCK_D"],
+    interpret_config=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
+)
+@triton.jit
+def _sparse_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, chunk_idx_ptr, tail_start_ptr, seq_lens_ptr, slot_map_ptr,
+    row_offset_ptr, chunk_counts_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
+    tail_start_value, n_keep, num_kv_heads, num_splits, qk_scale_log2,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_kr, stride_kd,
+    stride_vb, stride_vh, stride_vr, stride_vd,
+    stride_cb, stride_ch, stride_ck,
+    stride_sb, stride_sp,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK_SIZE: tl.constexpr,
+    TAIL_PER_ROW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
+    HAS_CHUNK_COUNTS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    if TAIL_PER_ROW:
+        tail_start = tl.load(tail_start_ptr + b)
+    else:
+        tail_start = tail_start_value
+    if HAS_CHUNK_COUNTS:
+        n_valid = tl.load(chunk_counts_ptr + b)
+    else:
+        n_valid = n_keep
+    chunk_tokens = n_valid * CHUNK_SIZE
+    total = chunk_tokens + seq_len - tail_start
+    # Whole blocks per split, so that only a split's last block is partial.
+    split_len = tl.cdiv(tl.cdiv(total, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, total)
+
+    heads = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    head_ok = heads < GROUP
+    dim_ok = dims < HEAD_DIM
+    q_heads = h * GROUP + heads
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh
+                + dims[None, :] * stride_qd, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    if HAS_SLOT_MAP:  # every sequence shares the slot pool: only the head picks the base
+        k_base = k_ptr + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + h.to(tl.int64) * stride_vh
+    else:
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        if HAS_ROW_OFFSET:
+            row_shift = tl.load(row_offset_ptr + b)
+        else:
+            row_shift = 0
+    chunk_idx_base = chunk_idx_ptr + b.to(tl.int64) * stride_cb + h * stride_ch
+
+    row_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for block_start in range(start, end, BLOCK_N):
+        j = block_start + tl.arange(0, BLOCK_N)
+        live = j < end
+        in_chunks = j < chunk_tokens
+        list_slot = j // CHUNK_SIZE
+        chunk = tl.load(chunk_idx_base + list_slot * stride_ck, mask=live & in_chunks, other=0)
+        pos = tl.where(in_chunks, chunk * CHUNK_SIZE + (j - list_slot * CHUNK_SIZE),
+                       tail_start + (j - chunk_tokens))
+        if HAS_SLOT_MAP:
+            rows = tl.load(slot_map_ptr + b.to(tl.int64) * stride_sb + pos * stride_sp,
+                           mask=live, other=0).to(tl.int64)
+        else:
+            rows = (pos + row_shift).to(tl.int64)
+        kv_mask = live[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + rows[:, None] * stride_kr + dims[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vr + dims[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        logits = tl.where(live[None, :], logits, float("-inf"))
+        # Every block holds a live token, so new_max is finite and exp2(-inf) = 0 on the
+        # first block.
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        rescale = tl.exp2(row_max - new_max)
+        probs = tl.exp2(logits - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+        row_max = new_max
+
+    # An empty split stores (max=-inf, sum=0, out=0), which the merge weighs by zero.
+    partial_rows = (b * num_kv_heads * GROUP + q_heads).to(tl.int64) * num_splits + split
+    tl.store(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], acc,
+             mask=head_ok[:, None] & dim_ok[None, :])
+    tl.store(partial_max_ptr + partial_rows, row_max, mask=head_ok)
+    tl.store(partial_sum_ptr + partial_rows, row_sum, mask=head_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, num_q_heads, num_splits,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    b = row // num_q_heads
+    hq = row % num_q_heads
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_ok = splits < num_splits
+    dim_ok = dims < HEAD_DIM
+    partial_rows = row.to(tl.int64) * num_splits + splits
+    split_max = tl.load(partial_max_ptr + partial_rows, mask=split_ok, other=float("-inf"))
+    split_sum = tl.load(partial_sum_ptr + partial_rows, mask=split_ok, other=0.0)
+    split_out = tl.load(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
+                        mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    overall_max = tl.max(split_max, 0)
+    # All splits empty (R(b, h) is empty): use 0 as the reference so no weight is NaN.
+    overall_max = tl.where(overall_max == float("-inf"), 0.0, overall_max)
+    weight = tl.exp2(split_max - overall_max)
+    total = tl.sum(weight * split_sum, 0)
+    out = tl.sum(weight[:, None] * split_out, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dims * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
+
+
+def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
+                               seq_lens, scaling, num_splits, slot_map, row_offset,
+                               chunk_counts) -> None:
+    """Ranks, shapes, dtypes and devices (no sync), then the data checks (these sync)."""
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        check_tensor("q", q, 4)
+        check_dim("q", q.shape[2], 1, "query length (dim 2 of [B, Hq, 1, D])")
+    else:
+        check_tensor("q", q, 3)
+    cache_rank = 4 if slot_map is None else 3
+    check_tensor("k_cache", k_cache, cache_rank)
+    check_tensor("v_cache", v_cache, cache_rank)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
+                         f"{tuple(v_cache.shape)}")
+    check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
+    check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
+    check_tensor("seq_lens", seq_lens, 1, dtypes=INDEX_DTYPES)
+    tail_is_tensor = isinstance(tail_start, torch.Tensor)
+    if tail_is_tensor:
+        check_tensor("tail_start", tail_start, 1, dtypes=INDEX_DTYPES)
+    else:
+        check_int("tail_start", tail_start, minimum=0)
+    check_int("chunk_size", chunk_size, minimum=1)
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+        raise TypeError(f"scaling must be a float or None, got {type(scaling).__name__}")
+    if num_splits is not None:
+        check_int("num_splits", num_splits, minimum=1)
+    if slot_map is not None:
+        check_tensor("slot_map", slot_map, 2, dtypes=INDEX_DTYPES)
+        if row_offset is not None:
+            raise ValueError("row_offset applies to the dense [B, Hkv, S_max, D] layout only; "
+                             "with slot_map, put the offset into the slot map")
+    if row_offset is not None:
+        check_tensor("row_offset", row_offset, 1, dtypes=INDEX_DTYPES)
+    if chunk_counts is not None:
+        check_tensor("chunk_counts", chunk_counts, 1, dtypes=INDEX_DTYPES)
+    check_same("device", q=q, k_cache=k_cache, v_cache=v_cache, chunk_idx=chunk_idx,
+               seq_lens=seq_lens, tail_start=tail_start if tail_is_tensor else None,
+               slot_map=slot_map, row_offset=row_offset, chunk_counts=chunk_counts)
+
+    B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
+    if slot_map is None:
+        check_dim("k_cache", k_cache.shape[0], B, "batch size")
+        Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    else:
+        check_dim("slot_map", slot_map.shape[0], B, "batch size")
+        Hkv, S_max = k_cache.shape[1], slot_map.shape[1]
+    check_dim("k_cache", k_cache.shape[-1], D, "head dim")
+    check_gqa("q", Hq, Hkv)
+    if tuple(chunk_idx.shape[:2]) != (B, Hkv):
+        raise ValueError(f"chunk_idx must have shape [{B}, {Hkv}, n_keep], got "
+                         f"{tuple(chunk_idx.shape)}")
+    for name, t in (("seq_lens", seq_lens), ("tail_start", tail_start if tail_is_tensor else None),
+                    ("row_offset", row_offset), ("chunk_counts", chunk_counts)):
+        if t is not None:
+            check_dim(name, t.shape[0], B, "length")
+
+    check_retained_sets(k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map,
+                        row_offset, chunk_counts)
+
+
+def first_bad(name: str, bad: torch.Tensor, values: torch.Tensor, requirement: str) -> None:
+    """Raise naming the first index where ``bad`` holds (one host sync)."""
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}{list(where)} = {int(values[where])} violates {requirement}")
+
+
+def check_retained_sets(k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map,
+                        row_offset, chunk_counts) -> None:
+    """The data checks: they read the index tensors on the host."""
+    B, _, n_keep = chunk_idx.shape
+    device = chunk_idx.device
+    tails = torch.as_tensor(tail_start, device=device).expand(B).long()
+    lens = seq_lens.long()
+    if row_offset is not None:
+        first_bad("row_offset", (row_offset < 0) | (row_offset > S_max), row_offset,
+                  f"0 <= row_offset <= S_max = {S_max}")
+        capacity = S_max - row_offset.long()
+    else:
+        capacity = torch.full((B,), S_max, device=device)
+    first_bad("tail_start", tails < 0, tails, "tail_start >= 0")
+    first_bad("tail_start", tails > lens, tails, "tail_start <= seq_lens")
+    first_bad("seq_lens", lens > capacity, lens,
+              "seq_lens <= the cache capacity (S_max, minus row_offset in the dense layout)")
+    if chunk_counts is not None:
+        first_bad("chunk_counts", (chunk_counts < 0) | (chunk_counts > n_keep), chunk_counts,
+                  f"0 <= chunk_counts <= n_keep = {n_keep}")
+        used = torch.arange(n_keep, device=device) < chunk_counts.long()[:, None, None]
+        used = used.expand(chunk_idx.shape)
+    else:
+        used = torch.ones_like(chunk_idx, dtype=torch.bool)
+    idx = chunk_idx.long()
+    num_chunks = (tails // chunk_size)[:, None, None]
+    first_bad("chunk_idx", used & ((idx < 0) | (idx >= num_chunks)), idx,
+              "0 <= chunk_idx < tail_start // chunk_size (chunks lie before the dense tail)")
+    not_ascending = torch.zeros_like(used)
+    not_ascending[..., 1:] = used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])
+    first_bad("chunk_idx", not_ascending, idx,
+              "chunk_idx sorted strictly ascending along the last dim")
+    if slot_map is not None:
+        retained = reference.retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max,
+                                           chunk_counts=chunk_counts).any(dim=1)
+        num_slots = k_cache.shape[0]
+        first_bad("slot_map", retained & ((slot_map < 0) | (slot_map >= num_slots)), slot_map,
+                  f"0 <= slot_map < num_slots = {num_slots} at retained positions")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+# ---------------------------------------------------------------------------------------------
 
 
 def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, *,
-                  scaling=None, num_splits=None, slot_map=None):
-    return reference.sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
-                                   seq_lens, scaling=scaling, slot_map=slot_map)
+                  scaling=None, num_splits=None, slot_map=None, row_offset=None,
+                  chunk_counts=None, validate=True) -> torch.Tensor:
+    """Decode attention over SPEC's retained set ``R(b, h)``, read in place: ``[B, Hq, D]``.
+
+    Query head ``hq`` of row ``b`` attends, with exact softmax, to the positions of KV head
+    ``h = hq // g`` that are in a kept chunk ``[j*c, (j+1)*c)`` for ``j`` in
+    ``chunk_idx[b, h]``, or in the dense range ``[tail_start_b, seq_lens[b])`` (the prompt's
+    tail and every generated token). No other cache entry is read. A ``(b, h)`` whose set is
+    empty (no chunks and ``tail_start_b == seq_lens[b]``) gets zeros.
+
+    Args:
+        q: ``[B, Hq, D]`` or ``[B, Hq, 1, D]``, float16 / bfloat16 / float32; the query of the
+            token being decoded. ``Hq = g * Hkv``.
+        k_cache, v_cache: the uncompacted cache, ``q``'s dtype. Dense layout
+            ``[B, Hkv, S_max, D]``: position ``p`` of row ``b`` is at index ``p`` (plus
+            ``row_offset[b]``). Slot layout (with ``slot_map``): ``[num_slots, Hkv, D]``.
+        chunk_idx: int32 ``[B, Hkv, n_keep]``, each row sorted strictly ascending, every entry
+            in ``[0, tail_start_b // chunk_size)``; ``n_keep`` may be 0.
+        chunk_size: ``c``, any int >= 1 (ChunkKV uses 10).
+        tail_start: int, or int32 ``[B]``: the first position of the dense range.
+        seq_lens: int32 ``[B]``: each row's current length (the dense range ends there).
+        scaling: logit scale, default ``D ** -0.5``.
+        num_splits: how many programs share one ``(b, h)``'s retained set; ``None`` picks it
+            from the shapes and the GPU's SM count (no sync), an int forces it.
+        slot_map: int32 ``[B, S_max]``: position ``p`` of row ``b`` lives in slot
+            ``slot_map[b, p]`` of the slot-layout cache (paged / SGLang-style caches).
+        row_offset: int32 ``[B]``, dense layout only: position ``p`` of row ``b`` lives at
+            index ``row_offset[b] + p`` (left-padded batches; positions, ``tail_start`` and
+            ``seq_lens`` are then row-local).
+        chunk_counts: int32 ``[B]``: row ``b`` uses only ``chunk_idx[b, :, :chunk_counts[b]]``
+            (rows keep different numbers of chunks); later entries are ignored.
+        validate: check shapes, dtypes, devices and the index data (this syncs with the host).
+            ``False`` skips every check so the call can be captured in a CUDA graph; bad
+            indices then read wrong or out-of-bounds memory.
+
+    Returns:
+        ``[B, Hq, D]`` in ``q``'s dtype.
+    """
+    if validate:
+        check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
+                                   seq_lens, scaling, num_splits, slot_map, row_offset,
+                                   chunk_counts)
+    return _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens,
+                          scaling, num_splits, slot_map, row_offset, chunk_counts)
+
+
+def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, scaling,
+                   num_splits, slot_map, row_offset, chunk_counts) -> torch.Tensor:
+    """Unchecked dispatch: the Triton kernels or the reference."""
+    if not use_triton(q):
+        return reference.sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
+                                       seq_lens, scaling=scaling, slot_map=slot_map,
+                                       row_offset=row_offset, chunk_counts=chunk_counts)
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    n_keep = chunk_idx.shape[2]
+    S_max = k_cache.shape[2] if slot_map is None else slot_map.shape[1]
+    tail_is_tensor = isinstance(tail_start, torch.Tensor)
+    if num_splits is None:
+        # Host-side bound on any row's retained length: shapes only, never the data.
+        max_tokens = n_keep * chunk_size + S_max - (0 if tail_is_tensor else tail_start)
+        num_splits = default_num_splits(B * Hkv, max_tokens, q.device)
+    scaling = D**-0.5 if scaling is None else scaling
+    group = Hq // Hkv
+    block_d = max(triton.next_power_of_2(D), MIN_DOT_ROWS)
+
+    partial_out = empty_output((B, Hq, num_splits, D), torch.float32, q.device)
+    partial_max = empty_output((B, Hq, num_splits), torch.float32, q.device)
+    partial_sum = empty_output((B, Hq, num_splits), torch.float32, q.device)
+    # Dense caches index by (b, h, position); slot caches by (slot, h): k_cache's dim 0 is
+    # then the slot, so the batch stride is unused and the row stride is dim 0's.
+    if slot_map is None:
+        k_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3))
+        v_strides = (v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3))
+        slot_strides = (0, 0)
+    else:
+        k_strides = (0, k_cache.stride(1), k_cache.stride(0), k_cache.stride(2))
+        v_strides = (0, v_cache.stride(1), v_cache.stride(0), v_cache.stride(2))
+        slot_strides = slot_map.stride()
+    _sparse_decode_split_kernel[(B * Hkv, num_splits)](
+        q, k_cache, v_cache, chunk_idx, tail_start if tail_is_tensor else None, seq_lens,
+        slot_map, row_offset, chunk_counts, partial_out, partial_max, partial_sum,
+        0 if tail_is_tensor else tail_start, n_keep, Hkv, num_splits,
+        scaling * 1.4426950408889634,  # log2(e): the kernels use exp2
+        *q.stride(), *k_strides, *v_strides, *chunk_idx.stride(), *slot_strides,
+        GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size, TAIL_PER_ROW=tail_is_tensor,
+        HAS_SLOT_MAP=slot_map is not None, HAS_ROW_OFFSET=row_offset is not None,
+        HAS_CHUNK_COUNTS=chunk_counts is not None,
+        UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
+        BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS), BLOCK_D=block_d,
+    )
+    out = empty_output((B, Hq, D), q.dtype, q.device)
+    _merge_splits_kernel[(B * Hq,)](
+        partial_out, partial_max, partial_sum, out, Hq, num_splits, *out.stride(),
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    return out
+
+
+def default_num_splits(batch_kv_heads: int, max_tokens: int, device: torch.device) -> int:
+    """Enough programs for about two waves over the GPU's SMs, but no split shorter than
+    ``MIN_TOKENS_PER_SPLIT`` tokens of the longest possible retained set."""
+    wanted = triton.cdiv(2 * multiprocessor_count(device), batch_kv_heads)
+    return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """The GPU's SM count; 1 on CPU, where the interpreter runs programs one after another."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_multiprocessor_count(index)
+
+
+@functools.cache
+def _cuda_multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

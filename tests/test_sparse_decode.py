@@ -1,0 +1,319 @@
+"""ops.sparse_decode: block-sparse decode attention over R(b, h), read in place.
+
+Runs the Triton kernels through the interpreter (conftest sets TRITON_INTERPRET=1) with
+NaN-poisoned outputs. The truth is softmax attention over the compacted cache of SPEC step 7
+(``reference.gather_chunks``) followed by the generated tokens.
+"""
+
+import importlib
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from triton_chunkkv import ops
+from triton_chunkkv.ops import reference
+
+sparse_decode_module = importlib.import_module("triton_chunkkv.ops.sparse_decode")
+
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5),
+              torch.float16: dict(rtol=2e-3, atol=2e-3),
+              torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def random_chunks(batch, num_kv_heads, n_keep, num_chunks) -> torch.Tensor:
+    """int32 ``[B, Hkv, n_keep]``: distinct sorted chunks, row ``b`` drawn from
+    ``range(num_chunks[b])``."""
+    rows = [[torch.randperm(num_chunks[b])[:n_keep].sort().values for _ in range(num_kv_heads)]
+            for b in range(batch)]
+    return torch.tensor([[row.tolist() for row in heads] for heads in rows],
+                        dtype=torch.int32).reshape(batch, num_kv_heads, n_keep)
+
+
+def make_case(batch=3, num_kv_heads=2, group=3, head_dim=64, chunk_size=10, n_keep=3,
+              prompt_lens=(57, 43, 66), seq_lens=(70, 45, 66), window=4, s_max=None,
+              dtype=torch.float32):
+    """Random inputs: prompt ``b`` has ``prompt_lens[b]`` tokens (so ``tail_start_b`` follows
+    SPEC step 3 with ``window``), then ``seq_lens[b] - prompt_lens[b]`` generated tokens."""
+    s_max = s_max or max(seq_lens) + 3
+    tails = [reference.tail_start(t, chunk_size, window) for t in prompt_lens]
+    return dict(
+        q=torch.randn(batch, num_kv_heads * group, head_dim).to(dtype),
+        k_cache=torch.randn(batch, num_kv_heads, s_max, head_dim).to(dtype),
+        v_cache=torch.randn(batch, num_kv_heads, s_max, head_dim).to(dtype),
+        chunk_idx=random_chunks(batch, num_kv_heads, n_keep, [t // chunk_size for t in tails]),
+        chunk_size=chunk_size,
+        tail_start=torch.tensor(tails, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+    ), list(prompt_lens)
+
+
+def attention(q, k, v, scaling):
+    """float32 softmax attention of ``q [Hq, D]`` over ``k, v [Hkv, L, D]`` (GQA)."""
+    g = q.shape[0] // k.shape[0]
+    k, v = k.float().repeat_interleave(g, 0), v.float().repeat_interleave(g, 0)
+    if k.shape[1] == 0:
+        return torch.zeros(q.shape, dtype=torch.float32)
+    probs = torch.softmax(scaling * torch.einsum("hd,hld->hl", q.float(), k), dim=-1)
+    return torch.einsum("hl,hld->hd", probs, v)
+
+
+def compacted_attention(case, prompt_lens, scaling=None):
+    """The truth: attention over step 7's compacted prompt cache plus the generated tokens,
+    row by row (rows differ in length)."""
+    q, k, v = case["q"], case["k_cache"], case["v_cache"]
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    out = []
+    for b, prompt_len in enumerate(prompt_lens):
+        seq_len, tail = int(case["seq_lens"][b]), int(case["tail_start"][b])
+        kept_k, kept_v = reference.gather_chunks(
+            k[b:b + 1, :, :prompt_len], v[b:b + 1, :, :prompt_len], case["chunk_idx"][b:b + 1],
+            case["chunk_size"], tail)
+        keys = torch.cat([kept_k[0], k[b, :, prompt_len:seq_len]], dim=1)
+        values = torch.cat([kept_v[0], v[b, :, prompt_len:seq_len]], dim=1)
+        out.append(attention(q[b], keys, values, scaling))
+    return torch.stack(out)
+
+
+def poison_unretained(case, **layout):
+    """Fill every cache entry outside R(b, h) with NaN: the kernel must not read them."""
+    S_max = case["k_cache"].shape[2]
+    keep = reference.retained_mask(case["chunk_idx"], case["chunk_size"], case["tail_start"],
+                                   case["seq_lens"], S_max, **layout)
+    for name in ("k_cache", "v_cache"):
+        case[name] = case[name].masked_fill(~keep[..., None], float("nan"))
+
+
+@pytest.mark.parametrize("group, dtype, chunk_size, head_dim, num_splits", [
+    (1, torch.float32, 10, 64, 1),
+    (3, torch.float32, 10, 80, 3),
+    (8, torch.float32, 16, 64, None),
+    (3, torch.float16, 1, 64, 3),
+    (8, torch.float16, 10, 80, 1),
+    (1, torch.bfloat16, 10, 80, None),
+    (3, torch.bfloat16, 16, 64, 3),
+    (3, torch.float16, 10, 128, 2),
+    (1, torch.float32, 10, 256, 3),
+])
+def test_matches_reference_and_compacted_attention(group, dtype, chunk_size, head_dim,
+                                                   num_splits):
+    n_keep = 2 if chunk_size == 16 else 3
+    case, prompt_lens = make_case(group=group, head_dim=head_dim, chunk_size=chunk_size,
+                                  n_keep=n_keep, dtype=dtype)
+    out = ops.sparse_decode(**case, num_splits=num_splits)
+    assert out.shape == case["q"].shape and out.dtype == dtype
+    torch.testing.assert_close(out, reference.sparse_decode(**case), **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), compacted_attention(case, prompt_lens),
+                               **TOLERANCES[dtype])
+
+
+def test_every_chunk_kept_equals_full_attention():
+    case, _ = make_case(n_keep=4, prompt_lens=(57, 57, 57), seq_lens=(70, 61, 57))
+    case["chunk_idx"] = reference.all_chunks(3, 2, 57, 10, 4, "cpu").contiguous()
+    out = ops.sparse_decode(**case, scaling=0.3, num_splits=2)
+    full = torch.stack([attention(case["q"][b], case["k_cache"][b, :, :n],
+                                  case["v_cache"][b, :, :n], 0.3)
+                        for b, n in enumerate(case["seq_lens"].tolist())])
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5)
+
+
+def test_reads_nothing_outside_the_retained_set():
+    case, prompt_lens = make_case()
+    expected = compacted_attention(case, prompt_lens)
+    poison_unretained(case)
+    torch.testing.assert_close(ops.sparse_decode(**case, num_splits=3), expected,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reference.sparse_decode(**case), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_query_with_length_axis_and_int_tail_start():
+    case, prompt_lens = make_case(prompt_lens=(55, 55, 55), seq_lens=(61, 55, 70))
+    as_tensor = ops.sparse_decode(**case, num_splits=2)
+    case["tail_start"] = int(case["tail_start"][0])
+    case["q"] = case["q"][:, :, None, :]
+    as_int = ops.sparse_decode(**case, num_splits=2)
+    assert as_int.shape == as_tensor.shape
+    torch.testing.assert_close(as_int, as_tensor, rtol=0, atol=0)
+    torch.testing.assert_close(as_int, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
+
+
+def test_no_chunks_kept_and_empty_sets_give_zeros():
+    # Row 0: tail only; row 1: nothing at all (zeros); row 2: tail only with partial blocks.
+    case, prompt_lens = make_case(n_keep=0, prompt_lens=(57, 43, 66), seq_lens=(70, 40, 66))
+    case["tail_start"][1] = 40
+    out = ops.sparse_decode(**case, num_splits=3)
+    torch.testing.assert_close(out, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[::2], compacted_attention(case, prompt_lens)[::2],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_empty_tail_with_chunks():
+    case, _ = make_case(prompt_lens=(57, 43, 66), seq_lens=(50, 43, 60))
+    case["tail_start"] = case["seq_lens"].clone()
+    out = ops.sparse_decode(**case, num_splits=2)
+    torch.testing.assert_close(out, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
+    chunks_only = [torch.cat([torch.arange(j * 10, j * 10 + 10) for j in row])
+                   for row in case["chunk_idx"][0].tolist()]
+    expected = attention(case["q"][0, :3], case["k_cache"][0, :1, chunks_only[0]],
+                         case["v_cache"][0, :1, chunks_only[0]], 64**-0.5)
+    torch.testing.assert_close(out[0, :3], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_more_splits_than_tokens_merge_empty_splits():
+    case, prompt_lens = make_case(n_keep=1, prompt_lens=(20, 31, 24), seq_lens=(20, 33, 25))
+    out = ops.sparse_decode(**case, num_splits=7)
+    torch.testing.assert_close(out, compacted_attention(case, prompt_lens), rtol=1e-4, atol=1e-5)
+
+
+def test_left_padded_rows_with_row_offset():
+    case, prompt_lens = make_case(prompt_lens=(57, 43, 66), seq_lens=(60, 45, 66), s_max=70)
+    truth = compacted_attention(case, prompt_lens)
+    # Right-align each row in the cache, NaN left padding: row b's position p at offset + p.
+    row_offset = torch.tensor([70 - 60, 70 - 45, 70 - 66], dtype=torch.int32)
+    padded = {}
+    for name in ("k_cache", "v_cache"):
+        padded[name] = torch.full_like(case[name], float("nan"))
+        for b, offset in enumerate(row_offset.tolist()):
+            padded[name][b, :, offset:] = case[name][b, :, :70 - offset]
+    shifted = dict(case, **padded, row_offset=row_offset)
+    torch.testing.assert_close(ops.sparse_decode(**shifted, num_splits=3), truth,
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reference.sparse_decode(**shifted), truth, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_counts_ignore_entries_past_the_count():
+    case, prompt_lens = make_case(n_keep=3)
+    counts = torch.tensor([3, 1, 0], dtype=torch.int32)
+    truths = []
+    for b, count in enumerate(counts.tolist()):
+        row = dict(case, chunk_idx=case["chunk_idx"][b:b + 1, :, :count])
+        for name in ("q", "k_cache", "v_cache", "tail_start", "seq_lens"):
+            row[name] = case[name][b:b + 1]
+        truths.append(compacted_attention(row, prompt_lens[b:b + 1]))
+    garbage = case["chunk_idx"].clone()
+    garbage[1, :, 1:] = torch.tensor([10**6, -5], dtype=torch.int32)
+    garbage[2] = torch.tensor([7, 7, -1], dtype=torch.int32)
+    case.update(chunk_idx=garbage, chunk_counts=counts)
+    out = ops.sparse_decode(**case, num_splits=2)
+    torch.testing.assert_close(out, torch.cat(truths), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reference.sparse_decode(**case), torch.cat(truths),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_layout_with_permuted_slots(dtype):
+    case, prompt_lens = make_case(dtype=dtype, group=8, num_kv_heads=1)
+    expected = reference.sparse_decode(**case)
+    poison_unretained(case)
+    B, Hkv, S_max, D = case["k_cache"].shape
+    num_slots = B * S_max + 5
+    slot_map = torch.randperm(num_slots)[:B * S_max].reshape(B, S_max).to(torch.int32)
+    slots = {}
+    for name in ("k_cache", "v_cache"):
+        slots[name] = torch.full((num_slots, Hkv, D), float("nan"), dtype=dtype)
+        slots[name][slot_map.long()] = case[name].transpose(1, 2)
+    paged = dict(case, **slots, slot_map=slot_map)
+    out = ops.sparse_decode(**paged, num_splits=3)
+    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(out.float(), compacted_attention(case, prompt_lens),
+                               **TOLERANCES[dtype])
+
+
+def test_validate_false_skips_the_data_checks():
+    case, _ = make_case()
+    expected = ops.sparse_decode(**case)
+    # Attention does not depend on the order of the set: reversed chunks give the same output,
+    # but only validate=False lets them through.
+    case["chunk_idx"] = case["chunk_idx"].flip(-1).contiguous()
+    with pytest.raises(ValueError, match="chunk_idx.*sorted"):
+        ops.sparse_decode(**case)
+    torch.testing.assert_close(ops.sparse_decode(**case, validate=False), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda c: dict(chunk_idx=c["chunk_idx"] + 10), ValueError, "chunk_idx.*tail_start"),
+    (lambda c: dict(chunk_idx=c["chunk_idx"] - 10), ValueError, "chunk_idx"),
+    (lambda c: dict(chunk_idx=c["chunk_idx"].flip(-1).contiguous()), ValueError,
+     "chunk_idx.*sorted"),
+    (lambda c: dict(chunk_idx=c["chunk_idx"].long()), TypeError, "chunk_idx"),
+    (lambda c: dict(chunk_idx=c["chunk_idx"][:, :1]), ValueError, "chunk_idx"),
+    (lambda c: dict(tail_start=c["seq_lens"] + 1), ValueError, "tail_start"),
+    (lambda c: dict(tail_start=-1), ValueError, "tail_start"),
+    (lambda c: dict(tail_start=c["tail_start"][:2]), ValueError, "tail_start"),
+    (lambda c: dict(seq_lens=c["seq_lens"] + 100), ValueError, "seq_lens"),
+    (lambda c: dict(seq_lens=c["seq_lens"].float()), TypeError, "seq_lens"),
+    (lambda c: dict(k_cache=c["k_cache"].half()), ValueError, "dtype.*k_cache"),
+    (lambda c: dict(v_cache=c["v_cache"][:, :, :-1]), ValueError, "v_cache"),
+    (lambda c: dict(q=c["q"][:, :5]), ValueError, "q has 5 heads"),
+    (lambda c: dict(q=c["q"][:, :, None].expand(-1, -1, 2, -1)), ValueError, "q"),
+    (lambda c: dict(q=c["q"][..., :32]), ValueError, "k_cache has head dim"),
+    (lambda c: dict(chunk_size=0), ValueError, "chunk_size"),
+    (lambda c: dict(num_splits=0), ValueError, "num_splits"),
+    (lambda c: dict(scaling="0.1"), TypeError, "scaling"),
+    (lambda c: dict(row_offset=torch.full((3,), 10, dtype=torch.int32)), ValueError, "seq_lens"),
+    (lambda c: dict(row_offset=torch.full((3,), -1, dtype=torch.int32)), ValueError,
+     "row_offset"),
+    (lambda c: dict(chunk_counts=torch.full((3,), 4, dtype=torch.int32)), ValueError,
+     "chunk_counts"),
+])
+def test_bad_input_names_the_argument(change, error, match):
+    case, _ = make_case()
+    with pytest.raises(error, match=match):
+        ops.sparse_decode(**dict(case, **change(case)))
+
+
+def test_bad_slot_layout_input_names_the_argument():
+    case, _ = make_case()
+    B, Hkv, S_max, D = case["k_cache"].shape
+    slot_map = torch.arange(B * S_max, dtype=torch.int32).reshape(B, S_max)
+    paged = dict(case, k_cache=case["k_cache"].transpose(1, 2).reshape(-1, Hkv, D),
+                 v_cache=case["v_cache"].transpose(1, 2).reshape(-1, Hkv, D), slot_map=slot_map)
+    with pytest.raises(ValueError, match="slot_map"):
+        ops.sparse_decode(**dict(paged, slot_map=slot_map + 20))
+    with pytest.raises(ValueError, match="row_offset"):
+        ops.sparse_decode(**paged, row_offset=torch.zeros(B, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_cache must have 3 dimensions"):
+        ops.sparse_decode(**dict(paged, k_cache=case["k_cache"], v_cache=case["v_cache"]))
+
+
+def test_default_num_splits_fills_the_gpu_without_tiny_splits(monkeypatch):
+    monkeypatch.setattr(sparse_decode_module, "multiprocessor_count", lambda device: 132)
+    choose = sparse_decode_module.default_num_splits
+    assert choose(8, 100_000, "cuda") == 33  # B=1, 8 KV heads: ~2 waves over 132 SMs
+    assert choose(8, 300, "cuda") == 3  # short sets: at least 128 tokens per split
+    assert choose(4096, 100_000, "cuda") == 1  # the batch alone fills the GPU
+    assert choose(1, 10**7, "cuda") == sparse_decode_module.MAX_SPLITS
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_matches_reference(dtype):
+    case, prompt_lens = make_case(batch=3, num_kv_heads=8, group=4, head_dim=128,
+                                  prompt_lens=(900, 517, 1333), seq_lens=(950, 517, 1400),
+                                  n_keep=20, dtype=dtype)
+    cuda = {name: value.cuda() if isinstance(value, torch.Tensor) else value
+            for name, value in case.items()}
+    for num_splits in (1, 5, None):
+        out = ops.sparse_decode(**cuda, num_splits=num_splits)
+        torch.testing.assert_close(out.cpu(), reference.sparse_decode(**case),
+                                   **TOLERANCES[dtype])
+
+
+@requires_cuda
+def test_gpu_cuda_graph_capture_without_validation():
+    case, _ = make_case(batch=2, num_kv_heads=8, group=4, head_dim=128, prompt_lens=(700, 640),
+                        seq_lens=(720, 641), s_max=1024, n_keep=16, dtype=torch.bfloat16)
+    cuda = {name: value.cuda() if isinstance(value, torch.Tensor) else value
+            for name, value in case.items()}
+    ops.sparse_decode(**cuda, validate=False)  # autotunes and compiles outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.sparse_decode(**cuda, validate=False)
+    cuda["seq_lens"].add_(5)  # a later decode step: same buffers, new data
+    cuda["q"].copy_(torch.randn_like(cuda["q"]))
+    graph.replay()
+    expected = reference.sparse_decode(**{name: value.cpu() if isinstance(value, torch.Tensor)
+                                          else value for name, value in cuda.items()})
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCES[torch.bfloat16])
