@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import check_dim, check_gqa, check_int, check_same, check_tensor
-from ._runtime import empty_output, interpreting, tuned, use_triton
+from ._runtime import bucket, empty_output, interpreting, tuned, use_triton
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.
@@ -45,7 +45,7 @@ INDEX_DTYPES = (torch.int32,)
 @tuned(
     configs=[triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
              for block_n in (32, 64, 128) for num_warps in (4, 8) for num_stages in (2, 3)],
-    key=["BLOCK_G", "BLOCK_D"],
+    key=["BLOCK_G", "BLOCK_D", "TOKENS_PER_SPLIT_BUCKET", "ELEMENT_BYTES"],
     interpret_config=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
 )
 @triton.jit
@@ -58,6 +58,7 @@ def _sparse_decode_split_kernel(
     stride_vb, stride_vh, stride_vr, stride_vd,
     stride_cb, stride_ch, stride_ck,
     stride_sb, stride_sp,
+    TOKENS_PER_SPLIT_BUCKET, ELEMENT_BYTES,  # autotune keys only
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK_SIZE: tl.constexpr,
     TAIL_PER_ROW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
     HAS_CHUNK_COUNTS: tl.constexpr, UPCAST: tl.constexpr,
@@ -358,9 +359,9 @@ def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_l
     n_keep = chunk_idx.shape[2]
     S_max = k_cache.shape[2] if slot_map is None else slot_map.shape[1]
     tail_is_tensor = isinstance(tail_start, torch.Tensor)
+    # Host-side bound on any row's retained length: shapes only, never the data.
+    max_tokens = n_keep * chunk_size + S_max - (0 if tail_is_tensor else tail_start)
     if num_splits is None:
-        # Host-side bound on any row's retained length: shapes only, never the data.
-        max_tokens = n_keep * chunk_size + S_max - (0 if tail_is_tensor else tail_start)
         num_splits = default_num_splits(B * Hkv, max_tokens, q.device)
     scaling = D**-0.5 if scaling is None else scaling
     group = Hq // Hkv
@@ -385,7 +386,8 @@ def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_l
         0 if tail_is_tensor else tail_start, n_keep, Hkv, num_splits,
         scaling * 1.4426950408889634,  # log2(e): the kernels use exp2
         *q.stride(), *k_strides, *v_strides, *chunk_idx.stride(), *slot_strides,
-        GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size, TAIL_PER_ROW=tail_is_tensor,
+        TOKENS_PER_SPLIT_BUCKET=bucket(triton.cdiv(max_tokens, num_splits)),
+        ELEMENT_BYTES=k_cache.element_size(), GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size, TAIL_PER_ROW=tail_is_tensor,
         HAS_SLOT_MAP=slot_map is not None, HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
