@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from . import reference
 from ._checks import (check_budget, check_chunking, check_int, check_pool_kernel, check_same,
                       check_tensor)

