@@ -38,6 +38,17 @@ BASELINES = Path(__file__).resolve().parent / "baselines"
 # ---------------------------------------------------------------------------------------------
 
 
+def sweep_arguments(parser, presets: dict, what: str) -> None:
+    """The options every sweep script takes: preset, output, device, threads, time budget."""
+    parser.add_argument("--preset", default=None, choices=sorted(presets),
+                        help=f"{what} (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--out", required=True, help="results JSON")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
+    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on a CPU")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which the remaining rows are skipped")
+
+
 def pick_device(name: str | None, cpu_threads: int = 1) -> torch.device:
     """The device to measure on (default: CUDA if any). On a CPU, torch uses ``cpu_threads``
     threads: one thread gives steadier numbers on a shared machine than spinning workers."""

@@ -31,7 +31,8 @@ import time
 import torch
 
 from .common import (ResultsWriter, argv_or_sys, error_note, free_memory,
-                     is_out_of_memory, pick_device, row_id, run_meta, synchronize)
+                     is_out_of_memory, pick_device, row_id, run_meta, sweep_arguments,
+                     synchronize)
 from .shapes import CHUNK_SIZE, E2E_PRESETS, WINDOW, E2EPreset
 
 
@@ -201,13 +202,7 @@ def format_row(row: dict) -> str:
 def main(argv=None) -> None:
     argv = argv_or_sys(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=None, choices=sorted(E2E_PRESETS),
-                        help="model and shapes (default: gpu on CUDA, cpu otherwise)")
-    parser.add_argument("--out", required=True, help="results JSON")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
-    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on a CPU")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which the remaining configurations are skipped")
+    sweep_arguments(parser, E2E_PRESETS, "model and shapes")
     args = parser.parse_args(argv)
     device = pick_device(args.device, args.cpu_threads)
     preset = E2E_PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]

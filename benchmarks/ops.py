@@ -26,8 +26,8 @@ from triton_chunkkv.ops import reference
 
 from . import peers
 from .common import (ResultsWriter, argv_or_sys, copy_bandwidth, error_note, free_memory,
-                     is_out_of_memory, pick_device, row_id, run_meta, time_ms,
-                     timer_description)
+                     is_out_of_memory, pick_device, row_id, run_meta, sweep_arguments,
+                     time_ms, timer_description)
 from .floors import floor_bytes, kept_chunks, kept_len
 from .shapes import CHUNK_SIZE, OPS_PRESETS, WINDOW, Model, OpsPreset
 
@@ -276,15 +276,9 @@ def run(preset: OpsPreset, device: torch.device, out, selected_ops=OPS, time_bud
 def main(argv=None) -> None:
     argv = argv_or_sys(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default=None, choices=sorted(OPS_PRESETS),
-                        help="sweep (default: gpu on CUDA, cpu otherwise)")
-    parser.add_argument("--out", required=True, help="results JSON")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
-    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on a CPU")
+    sweep_arguments(parser, OPS_PRESETS, "sweep")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of "
                         + ", ".join(OPS))
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which the remaining rows are skipped")
     args = parser.parse_args(argv)
     device = pick_device(args.device, args.cpu_threads)
     preset = OPS_PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
