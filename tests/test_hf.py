@@ -314,6 +314,51 @@ def test_sliding_window_beyond_its_window_raises():
             greedy(model, prompt(80))
 
 
+def test_qwen2_sliding_layers_raise_at_layer_zero_before_any_change():
+    # Only layer 1 slides: the check must still fire before layer 0 is compressed.
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW):
+        with pytest.raises(ValueError, match="sliding window"), torch.no_grad():
+            model(prompt(80), past_key_values=cache, use_cache=True)
+    assert not any(isinstance(layer, CompressedLayer) for layer in cache.layers)
+
+
+def test_static_cache_is_refused():
+    model = tiny_model()
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW):
+        with pytest.raises(ValueError, match="DynamicCache"):
+            greedy(model, prompt(100), cache_implementation="static")
+
+
+@pytest.mark.parametrize("budget", [10, 40])  # the first chunk compressed / kept whole
+def test_chunked_prefill_is_refused(budget):
+    model = tiny_model()
+    with chunkkv(model, budget=budget, chunk_size=CHUNK, window=WINDOW):
+        with pytest.raises(ValueError, match="chunked prefill"):
+            greedy(model, prompt(100), prefill_chunk_size=32)
+
+
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_repeated_rows_keep_their_row_state(mode):
+    model = tiny_model()
+    input_ids = prompt(100, batch=2)
+    input_ids[1] = prompt(100, seed=2)
+    mask = torch.ones_like(input_ids)
+    mask[1, :7] = 0  # left padding: per-row state that must be repeated with the rows
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, ratio=0.3, chunk_size=CHUNK, window=WINDOW, mode=mode), torch.no_grad():
+        model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        step = torch.tensor([[5], [5], [9], [9]])
+        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), torch.ones(4, 1, dtype=mask.dtype)],
+                              dim=1)
+        logits = model(step, attention_mask=full_mask, past_key_values=cache,
+                       use_cache=True).logits
+    torch.testing.assert_close(logits[0], logits[1])
+    torch.testing.assert_close(logits[2], logits[3])
+
+
 def test_exit_restores_the_model_even_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="boom"):

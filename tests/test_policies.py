@@ -290,3 +290,9 @@ def test_registry_builds_every_policy():
 def test_bad_options_name_the_argument(name, options, error, match):
     with pytest.raises(error, match=match):
         make_policy(name, **options)
+
+
+def test_chunkkv_refuses_a_window_other_than_its_own():
+    q_obs, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 100, 16)
+    with pytest.raises(ValueError, match="window=32"):
+        ChunkKV(window=32).select(q_obs, k, budget=50, layer=0, num_layers=1)

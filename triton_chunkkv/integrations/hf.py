@@ -153,6 +153,11 @@ class CompressedLayer(DynamicLayer):
         super().batch_select_indices(indices)
         self._select_row_state(indices)
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        rows = torch.arange(len(self.keys), device=self.device) // repeats
+        self._select_row_state(rows)
+
     def _select_row_state(self, rows) -> None:
         rows = rows.to(self.device)
         if self.key_start is not None:
@@ -176,7 +181,9 @@ class _Session:
     mode: str
     reuse_layers: int
     state: ChunkKVState
+    sliding_window: int | None = None  # the smallest sliding window of any layer
     caches: dict = field(default_factory=dict)  # layer index -> past_key_values of this call
+    awaiting_decode: set = field(default_factory=set)  # layers prefilled, not yet decoded
     input_ids: torch.Tensor | None = None  # the token ids of the current forward call
 
 
@@ -267,7 +274,9 @@ def chunkkv(model, *, budget=None, ratio=None, chunk_size=10, window=32, reuse_l
 
     state = ChunkKVState(policy=policy, mode=mode, reuse_layers=reuse_layers,
                          num_layers=len(modules))
-    session = _Session(policy, budget, ratio, mode, reuse_layers, state)
+    windows = [m.sliding_window for m in modules if getattr(m, "sliding_window", None)]
+    session = _Session(policy, budget, ratio, mode, reuse_layers, state,
+                       sliding_window=min(windows, default=None))
     previous = model.config._attn_implementation
     hooks = [model.register_forward_pre_hook(partial(_remember_input_ids, session),
                                              with_kwargs=True)]
@@ -320,11 +329,16 @@ def chunkkv_attention(module, query, key, value, attention_mask, scaling=None, d
     cache = session.caches.pop(module.layer_idx, None)  # not kept alive past this call
     layer = cache.layers[module.layer_idx] if isinstance(cache, Cache) else None
     q_len = query.shape[2]
+    if layer is not None and not isinstance(layer, DynamicLayer):
+        raise ValueError(f"chunkkv needs a DynamicCache (layers that grow); got a "
+                         f"{type(layer).__name__}, e.g. from cache_implementation='static'")
     seq_len = layer.get_seq_length() if layer is not None else key.shape[2]
-    if sliding_window is not None and seq_len > sliding_window:
-        raise ValueError(f"sequence length {seq_len} exceeds the sliding window "
-                         f"{sliding_window}; chunkkv supports sliding-window layers only "
-                         "within their window")
+    # Also checked against the smallest window of any layer (Qwen2 keeps it on the sliding
+    # layers only), so that layer 0 raises before any layer is changed.
+    window = min((w for w in (sliding_window, session.sliding_window) if w), default=None)
+    if window is not None and seq_len > window:
+        raise ValueError(f"sequence length {seq_len} exceeds the sliding window {window}; "
+                         "chunkkv supports sliding-window layers only within their window")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"chunkkv needs a 2-D attention_mask [batch, seq_len], got shape "
                          f"{tuple(attention_mask.shape)}")
@@ -332,14 +346,24 @@ def chunkkv_attention(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
                          f"the sequence length {seq_len}")
 
+    continues_cache = isinstance(layer, CompressedLayer) or key.shape[2] > q_len
+    if continues_cache and q_len > 1 and module.layer_idx in session.awaiting_decode:
+        # A multi-token call right after the prefill that selected: a chunked prefill, whose
+        # first chunk was taken for the whole prompt.
+        raise ValueError("chunkkv selects on the forward call that fills an empty cache, so "
+                         "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
+                         "prefill the whole prompt in one call")
+    if q_len == 1:
+        session.awaiting_decode.discard(module.layer_idx)
     if isinstance(layer, CompressedLayer):
         return _decode(module, layer, query, key, value, scaling, dropout)
     key_valid = attention_mask[:, :key.shape[2]] if attention_mask is not None else None
-    out = _dense(module, query, key, value, _causal_mask(q_len, key.shape[2], key_valid),
-                 scaling, dropout)
+    out = _dense(module, query, key, value,
+                 _causal_mask(q_len, key.shape[2], key_valid, query.device), scaling, dropout)
     if layer is not None and key.shape[2] == q_len:  # this call filled an empty cache
         _compress_layer(session, module.layer_idx, cache, query, key, value, attention_mask,
                         scaling)
+        session.awaiting_decode.add(module.layer_idx)
     return out
 
 
@@ -348,13 +372,12 @@ def _dense(module, query, key, value, mask, scaling, dropout):
                                   scaling=scaling)
 
 
-def _causal_mask(q_len, kv_len, key_valid):
+def _causal_mask(q_len, kv_len, key_valid, device):
     """bool ``[B, 1, q, kv]`` (True: attend) or ``None`` when SDPA's own causal handling is
     exact. Query ``i`` sits at key index ``kv_len - q_len + i``; ``key_valid [B, kv]`` marks
     real (non-padding) keys."""
     if key_valid is None and q_len in (1, kv_len):
         return None
-    device = key_valid.device if key_valid is not None else None
     query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     key_pos = torch.arange(kv_len, device=device)[None, :]
     allowed = (key_pos <= query_pos)[None, None]
@@ -373,8 +396,8 @@ def _decode(module, layer, query, key, value, scaling, dropout):
         key_valid = None
         if key_start is not None:
             key_valid = torch.arange(kv_len, device=key.device)[None, :] >= key_start[:, None]
-        return _dense(module, query, key, value, _causal_mask(q_len, kv_len, key_valid),
-                      scaling, dropout)
+        return _dense(module, query, key, value,
+                      _causal_mask(q_len, kv_len, key_valid, query.device), scaling, dropout)
     index = layer.sparse
     if key_start is None:
         key_start = torch.zeros(B, dtype=torch.int32, device=key.device)

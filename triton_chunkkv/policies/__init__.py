@@ -173,6 +173,9 @@ class ChunkKV(Policy):
             self.chunk_size, self.window) for budget in budgets]
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
+        if q_obs is None or q_obs.shape[2] != self.window:  # P0 below assumes this window
+            raise ValueError(f"q_obs must hold the last window={self.window} queries, got "
+                             f"{None if q_obs is None else q_obs.shape[2]}")
         scores = ops.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling,
                                    pool_kernel=self.pool_kernel)
         chunk_scores = ops.chunk_sum(scores, self.chunk_size, self.window)
