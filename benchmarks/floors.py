@@ -34,7 +34,8 @@ def dtype_bytes(dtype: str) -> int:
 
 def kept_chunks(seq_len: int, kept: float) -> int:
     """``n_keep`` of SPEC step 5 for ``ratio = kept`` (every chunk when nothing is dropped)."""
-    n_keep = reference.num_kept_chunks(seq_len, math.floor(kept * seq_len), CHUNK_SIZE, WINDOW)
+    n_keep = reference.num_kept_chunks(seq_len, reference.resolve_budget(seq_len, ratio=kept),
+                                       CHUNK_SIZE, WINDOW)
     if n_keep is None:
         return reference.tail_start(seq_len, CHUNK_SIZE, WINDOW) // CHUNK_SIZE
     return n_keep

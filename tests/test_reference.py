@@ -224,3 +224,11 @@ def test_sparse_decode_equals_attention_over_the_compacted_cache():
     probs = torch.softmax(torch.einsum("bhd,bhtd->bht", q, keys) * D**-0.5, dim=-1)
     torch.testing.assert_close(out, torch.einsum("bht,bhtd->bhd", probs, values))
     assert out.shape == (B, Hq, D)
+
+
+def test_ratio_budget_is_the_floor_of_the_decimal_ratio():
+    # The float product 0.29 * 100 is 28.999...; SPEC's floor(r * T) of the ratio as written is 29.
+    assert reference.resolve_budget(100, ratio=0.29) == 29
+    assert reference.resolve_budget(100, ratio=0.57) == 57
+    assert reference.resolve_budget(996, ratio=0.2) == 199
+    assert reference.resolve_budget(7, ratio=1) == 7

@@ -8,6 +8,7 @@ materializes the ``[B, Hq, w, T]`` window probabilities that the kernels never s
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple, Sequence
 
 import torch
@@ -85,8 +86,9 @@ def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
 
 
 def resolve_budget(seq_len: int, budget=None, ratio=None) -> int:
-    """``L`` in tokens per KV head: the budget itself, or ``floor(ratio * T)``."""
-    return budget if budget is not None else math.floor(ratio * seq_len)
+    """``L`` in tokens per KV head: the budget itself, or ``floor(ratio * T)`` taken on the
+    ratio as written in decimal (0.29 of 100 tokens is 29, not the float product's 28)."""
+    return budget if budget is not None else math.floor(Fraction(str(ratio)) * seq_len)
 
 
 def num_kept_chunks(seq_len, budget, chunk_size, window) -> int | None:
