@@ -36,9 +36,9 @@ status=0
 
 run_tests() {
   echo "=== GPU tests"
-  # The GPU tests are the @requires_cuda (skipif) ones, and any marked gpu.
+  # tests/conftest.py marks every @requires_cuda test gpu.
   timeout "${TESTS_TIMEOUT:-240}" "$PYTHON" -m pytest -q -p no:cacheprovider \
-    -m "gpu or skipif" tests --ignore=tests/sglang || status=1
+    -m gpu tests --ignore=tests/sglang || status=1
 }
 
 run_tune() {
@@ -59,21 +59,16 @@ compare_and_plot() {  # $1: ops or e2e
   tar -C "$OUT" -cf "$OUT/plots-$1.tar" "plots-$1" && rm -rf "$OUT/plots-$1"
 }
 
-run_ops() {
-  echo "=== op benchmarks"
-  local budget="${OPS_BUDGET:-440}"
-  timeout $((budget + ${OPS_SLACK:-100})) "$PYTHON" -m benchmarks.ops --preset "$PRESET" \
-    --out "$OUT/ops.json" --time-budget "$budget" || status=1
-  compare_and_plot ops
+# run_sweep NAME BUDGET SLACK: benchmarks.NAME under a time budget, then compare and plot.
+run_sweep() {
+  echo "=== benchmarks.$1"
+  timeout $(($2 + $3)) "$PYTHON" -m "benchmarks.$1" --preset "$PRESET" \
+    --out "$OUT/$1.json" --time-budget "$2" || status=1
+  compare_and_plot "$1"
 }
 
-run_e2e() {
-  echo "=== end to end"
-  local budget="${E2E_BUDGET:-360}"
-  timeout $((budget + ${E2E_SLACK:-120})) "$PYTHON" -m benchmarks.e2e --preset "$PRESET" \
-    --out "$OUT/e2e.json" --time-budget "$budget" || status=1
-  compare_and_plot e2e
-}
+run_ops() { run_sweep ops "${OPS_BUDGET:-440}" "${OPS_SLACK:-100}"; }
+run_e2e() { run_sweep e2e "${E2E_BUDGET:-360}" "${E2E_SLACK:-120}"; }
 
 goal_table() {
   echo "=== goals"
