@@ -25,6 +25,22 @@ def check_same(what: str, **tensors) -> None:
         raise ValueError(f"expected one {what} for {', '.join(values)}, got {listed}")
 
 
+def check_key_value(k_name: str, k, v_name: str, v, ndim: int) -> None:
+    """Keys and values: tensors of rank ``ndim`` with one shape, dtype and device."""
+    check_tensor(k_name, k, ndim)
+    check_tensor(v_name, v, ndim)
+    check_same("device", **{k_name: k, v_name: v})
+    check_same("dtype", **{k_name: k, v_name: v})
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got "
+                         f"{tuple(v.shape)}")
+
+
+def check_scaling(scaling) -> None:
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+        raise TypeError(f"scaling must be a float or None, got {type(scaling).__name__}")
+
+
 def check_dim(name: str, actual: int, expected: int, what: str) -> None:
     if actual != expected:
         raise ValueError(f"{name} has {what} {actual}, expected {expected}")

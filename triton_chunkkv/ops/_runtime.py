@@ -49,6 +49,19 @@ def bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def multiprocessor_count(device: torch.device) -> int:
+    """The GPU's SM count; 1 on CPU, where the interpreter runs programs one after another."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_multiprocessor_count(index)
+
+
+@functools.cache
+def _cuda_multiprocessor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def gpu_name() -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from . import reference
-from ._checks import (check_budget, check_chunking, check_int, check_pool_kernel, check_same,
-                      check_tensor)
+from ._checks import (check_budget, check_chunking, check_int, check_key_value,
+                      check_pool_kernel)
 from .chunk_sum import _chunk_sum
 from .gather import _gather_chunks
 from .reference import Compressed
@@ -19,11 +19,7 @@ def check_layer(q_obs, k, v, key_mask, scaling, window) -> None:
     if q_obs.shape[2] != window:
         raise ValueError(f"q_obs must hold the last window={window} queries, got "
                          f"{q_obs.shape[2]}")
-    check_tensor("v", v, 4)
-    check_same("device", k=k, v=v)
-    check_same("dtype", k=k, v=v)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_key_value("k", k, "v", v, 4)
 
 
 def check_options(budget, ratio, chunk_size, window, pool_kernel, seq_len) -> None:

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_int, check_same, check_tensor
+from ._checks import check_int, check_key_value, check_same, check_tensor
 from ._runtime import bucket, empty_output, tuned, use_triton
 
 
@@ -32,12 +32,8 @@ def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks) -> None:
 def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
     """``(k_out, v_out)``, each ``[B, Hkv, n_keep * c + T - tail_start, D]`` contiguous:
     chunk ``chunk_idx[..., 0]``, ..., then ``[tail_start, T)``, in that order."""
-    check_tensor("k", k, 4)
-    check_tensor("v", v, 4)
+    check_key_value("k", k, "v", v, 4)
     check_same("device", k=k, v=v, chunk_idx=chunk_idx)
-    check_same("dtype", k=k, v=v)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     check_int("chunk_size", chunk_size, minimum=1)
     check_int("tail_start", tail_start, minimum=0)
     B, Hkv, T, D = k.shape

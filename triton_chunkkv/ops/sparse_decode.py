@@ -17,15 +17,15 @@ shapes only: no host sync, and a ``validate=False`` call can be captured in a CU
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_dim, check_gqa, check_int, check_same, check_tensor
-from ._runtime import bucket, empty_output, interpreting, tuned, use_triton
+from ._checks import (check_dim, check_gqa, check_int, check_key_value, check_same,
+                      check_scaling, check_tensor)
+from ._runtime import (bucket, empty_output, interpreting, multiprocessor_count, tuned,
+                       use_triton)
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.
@@ -194,11 +194,7 @@ def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_
     else:
         check_tensor("q", q, 3)
     cache_rank = 4 if slot_map is None else 3
-    check_tensor("k_cache", k_cache, cache_rank)
-    check_tensor("v_cache", v_cache, cache_rank)
-    if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got "
-                         f"{tuple(v_cache.shape)}")
+    check_key_value("k_cache", k_cache, "v_cache", v_cache, cache_rank)
     check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
     check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, dtypes=INDEX_DTYPES)
@@ -208,8 +204,7 @@ def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_
     else:
         check_int("tail_start", tail_start, minimum=0)
     check_int("chunk_size", chunk_size, minimum=1)
-    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
-        raise TypeError(f"scaling must be a float or None, got {type(scaling).__name__}")
+    check_scaling(scaling)
     if num_splits is not None:
         check_int("num_splits", num_splits, minimum=1)
     if slot_map is not None:
@@ -406,16 +401,3 @@ def default_num_splits(batch_kv_heads: int, max_tokens: int, device: torch.devic
     ``MIN_TOKENS_PER_SPLIT`` tokens of the longest possible retained set."""
     wanted = triton.cdiv(2 * multiprocessor_count(device), batch_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
-
-
-def multiprocessor_count(device: torch.device) -> int:
-    """The GPU's SM count; 1 on CPU, where the interpreter runs programs one after another."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_multiprocessor_count(index)
-
-
-@functools.cache
-def _cuda_multiprocessor_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count

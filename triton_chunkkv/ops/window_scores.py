@@ -25,8 +25,10 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import check_dim, check_gqa, check_pool_kernel, check_same, check_tensor
-from ._runtime import bucket, empty_output, interpreting, tuned, use_triton
+from ._checks import (check_dim, check_gqa, check_pool_kernel, check_same, check_scaling,
+                      check_tensor)
+from ._runtime import (bucket, empty_output, interpreting, multiprocessor_count, tuned,
+                       use_triton)
 
 # Pass 1 wants a few programs per SM; each split then covers at least this many keys, because a
 # split adds g * w statistics to merge.
@@ -61,8 +63,7 @@ def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
         check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
         if tuple(key_mask.shape) != (B, T):
             raise ValueError(f"key_mask must have shape {(B, T)}, got {tuple(key_mask.shape)}")
-    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
-        raise TypeError(f"scaling must be a float or None, got {type(scaling).__name__}")
+    check_scaling(scaling)
 
 
 def window_scores(q_obs, k, *, key_mask=None, scaling=None, pool_kernel=1) -> torch.Tensor:
@@ -95,9 +96,7 @@ def key_splits(seq_len: int, programs: int, device: torch.device) -> int:
 
     Any value >= 1 is correct (a split left without a key block stores ``m = -inf, l = 0``).
     """
-    sm_count = (torch.cuda.get_device_properties(device).multi_processor_count
-                if device.type == "cuda" else 1)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, programs)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), programs)
     return max(1, min(wanted, triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT)))
 
 
