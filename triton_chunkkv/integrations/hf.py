@@ -45,7 +45,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .. import ops
 from ..ops import reference
 from ..ops._checks import check_budget, check_int
-from ..policies import ChunkKV, Policy, Selection, kept_length, observation_window
+from ..policies import ChunkKV, Policy, Selection, kept_length, select_prompt
 
 ATTENTION_NAME = "chunkkv"
 MODES = ("evict", "sparse")
@@ -467,17 +467,10 @@ def _left_padding(attention_mask, batch, T_pad, device) -> list[int]:
 
 def _select_one(session, layer_idx, input_ids, query, key, scaling) -> Selection | None:
     """The policy's choice for rows of one common length ``T`` (no padding)."""
-    policy = session.policy
-    T = key.shape[2]
-    window = observation_window(policy, T)
-    if T < window:  # the prompt fits in the observation window: nothing to score
-        return None
-    if input_ids is not None:  # text-aware policies read the prompt that this select sees
-        policy.on_prompt(input_ids)
-    budget = reference.resolve_budget(T, session.budget, session.ratio)
-    q_obs = query[:, :, T - window:] if window else None
-    return policy.select(q_obs, key, budget=budget, layer=layer_idx,
-                         num_layers=session.state.num_layers, key_mask=None, scaling=scaling)
+    budget = reference.resolve_budget(key.shape[2], session.budget, session.ratio)
+    return select_prompt(session.policy, query, key, budget=budget, layer=layer_idx,
+                         num_layers=session.state.num_layers, input_ids=input_ids,
+                         scaling=scaling)
 
 
 def _select(session, layer_idx, query, key, pads, scaling):

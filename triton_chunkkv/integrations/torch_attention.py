@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import reference
 from ..ops._checks import check_budget, check_gqa, check_int, check_tensor
-from ..policies import ChunkKV, Policy, Selection, observation_window
+from ..policies import ChunkKV, Policy, Selection, select_prompt
 
 MODES = ("evict", "sparse")
 
@@ -78,15 +78,10 @@ class ChunkKVCache:
                 raise ValueError("leader must run its prefill on the same prompt before this layer")
             self.selection = self.leader.selection
         else:
-            window = observation_window(self.policy, self.seq_len)
-            if self.seq_len >= window:  # shorter prompts fit in the window: keep everything
-                if input_ids is not None:
-                    self.policy.on_prompt(input_ids)
-                budget = reference.resolve_budget(self.seq_len, self.budget, self.ratio)
-                q_obs = query[:, :, self.seq_len - window:] if window else None
-                self.selection = self.policy.select(q_obs, self.keys, budget=budget,
-                                                    layer=self.layer,
-                                                    num_layers=self.num_layers, scaling=scaling)
+            budget = reference.resolve_budget(self.seq_len, self.budget, self.ratio)
+            self.selection = select_prompt(self.policy, query, self.keys, budget=budget,
+                                           layer=self.layer, num_layers=self.num_layers,
+                                           input_ids=input_ids, scaling=scaling)
         if self.selection is not None and self.mode == "evict":
             s = self.selection
             self.keys, self.values = ops.gather_chunks(self.keys, self.values, s.chunk_idx,

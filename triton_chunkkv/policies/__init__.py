@@ -76,6 +76,23 @@ def observation_window(policy: Policy, seq_len: int) -> int:
     return seq_len if policy.window is None else policy.window
 
 
+def select_prompt(policy: Policy, queries, keys, *, budget: int, layer: int, num_layers: int,
+                  input_ids=None, scaling=None) -> Selection | None:
+    """``policy.select`` on one layer's prompt cache, as the adapters call it: ``queries
+    [B, Hq, T, D]`` are the prompt's queries, of which the last ``observation_window(policy, T)``
+    are read; a prompt shorter than that window keeps everything. ``input_ids`` (if given) go
+    to :meth:`Policy.on_prompt` first."""
+    T = keys.shape[2]
+    window = observation_window(policy, T)
+    if T < window:  # the prompt fits in the observation window: nothing to score
+        return None
+    if input_ids is not None:
+        policy.on_prompt(input_ids)
+    q_obs = queries[:, :, T - window:] if window else None
+    return policy.select(q_obs, keys, budget=budget, layer=layer, num_layers=num_layers,
+                         scaling=scaling)
+
+
 def kept_length(selection: Selection | None, seq_len: int) -> int:
     """Tokens per KV head that ``selection`` keeps of a ``seq_len`` prompt."""
     if selection is None:
@@ -212,4 +229,4 @@ def make_policy(name: str, **options) -> Policy:
 
 __all__ = ["H2O", "LAYER_BUDGETS", "POLICIES", "ChunkKV", "FullKV", "PhraseChunkKV", "Policy",
            "PyramidKV", "Selection", "SnapKV", "StreamingLLM", "kept_length", "make_policy",
-           "observation_window", "pyramid_budgets"]
+           "observation_window", "pyramid_budgets", "select_prompt"]
