@@ -30,9 +30,18 @@ import time
 
 import torch
 
-from .common import (ResultsWriter, argv_or_sys, error_note, free_memory,
-                     is_out_of_memory, pick_device, row_id, run_meta, sweep_arguments,
-                     synchronize)
+from .common import (
+    ResultsWriter,
+    argv_or_sys,
+    error_note,
+    free_memory,
+    is_out_of_memory,
+    pick_device,
+    row_id,
+    run_meta,
+    sweep_arguments,
+    synchronize,
+)
 from .shapes import CHUNK_SIZE, E2E_PRESETS, WINDOW, E2EPreset
 
 

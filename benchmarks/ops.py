@@ -25,9 +25,20 @@ from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
 
 from . import peers
-from .common import (ResultsWriter, argv_or_sys, copy_bandwidth, error_note, free_memory,
-                     is_out_of_memory, pick_device, row_id, run_meta, sweep_arguments,
-                     time_ms, timer_description)
+from .common import (
+    ResultsWriter,
+    argv_or_sys,
+    copy_bandwidth,
+    error_note,
+    free_memory,
+    is_out_of_memory,
+    pick_device,
+    row_id,
+    run_meta,
+    sweep_arguments,
+    time_ms,
+    timer_description,
+)
 from .floors import floor_bytes, kept_chunks, kept_len
 from .shapes import CHUNK_SIZE, OPS_PRESETS, WINDOW, Model, OpsPreset
 

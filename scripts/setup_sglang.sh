@@ -30,7 +30,7 @@ if [ ! -f "$STAMP" ]; then
     apache-tvm-ffi==0.1.11 compressed-tensors==0.18.0 gguf==0.19.0 openai==2.8.0 \
     partial_json_parser==0.2.1.1.post7 einops==0.8.2 orjson==3.13.0 psutil==7.2.2 \
     pybase64==1.5.1 requests==2.34.2 pillow==13.0.0 fastapi==0.165.0 uvicorn==0.54.0 \
-    pytest==9.2.0 hypothesis==6.170.15
+    pytest==9.2.0 hypothesis==6.170.15 setuptools==84.2.1
   rm -f "$VENV"/.setup-*
   touch "$STAMP"
 fi

@@ -1,12 +1,14 @@
 import os
 
-# The kernels run on CPU tensors through the Triton interpreter; set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+# Without CUDA the kernels run on CPU tensors through the Triton interpreter; set before any
+# kernel is defined. On a GPU machine they compile (the interpreter would run CUDA tests too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN / -1 so that a test sees any element a kernel failed to write.
 os.environ["TRITON_CHUNKKV_POISON_OUTPUTS"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import requires_cuda
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
 

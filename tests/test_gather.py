@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import requires_cuda
+
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
 

@@ -5,15 +5,27 @@ the interpreter. Prompts are short and the observation window small (``WINDOW=8`
 ``CHUNK=4``) so that a 10 % budget still keeps whole chunks beside the dense tail.
 """
 
+import inspect
+
 import pytest
 import torch
-from transformers import (AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, PreTrainedModel, Qwen2Config,
-                          Qwen2ForCausalLM)
+import transformers
+from transformers import (
+    AttentionInterface,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from triton_chunkkv import ops
-from triton_chunkkv.integrations.hf import ATTENTION_NAME, CompressedLayer, chunkkv
+from triton_chunkkv.integrations.hf import ATTENTION_NAME, CompressedLayer, cache_kwargs, chunkkv
 from triton_chunkkv.ops import reference
 from triton_chunkkv.policies import ChunkKV, Policy, Selection
 
@@ -59,7 +71,8 @@ def capture_prefill(model, input_ids):
     model.set_attn_implementation("capture_qkv")
     try:
         with torch.no_grad():
-            model(input_ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(input_ids, **cache_kwargs(model, DynamicCache(config=model.config)),
+                  use_cache=True)
     finally:
         model.set_attn_implementation(previous)
     return [captured[layer] for layer in range(len(captured))]
@@ -96,7 +109,7 @@ def test_evicted_cache_is_ops_compress_of_the_prefill(family):
     layers = capture_prefill(model, input_ids)
     cache = DynamicCache(config=model.config)
     with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW) as state, torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, **cache_kwargs(model, cache), use_cache=True)
     kept = spec_kept_length(203, 20)
     assert kept < 203
     for layer, (query, key, value) in enumerate(layers):
@@ -125,6 +138,80 @@ def test_evict_and_sparse_decode_the_same_tokens(family):
     assert not torch.equal(evicted, greedy(model, input_ids, new_tokens=8))  # it did drop tokens
 
 
+def test_generate_at_ratio_0_2_keeps_spec_lengths_in_both_modes():
+    """The environments check (transformers 5.17 to the newest): a tiny GQA Llama keeps SPEC's
+    lengths, the evict cache holds them plus the generated tokens, and both modes agree."""
+    model = tiny_model()
+    input_ids = prompt(180)
+    tokens = {}
+    for mode in ("evict", "sparse"):
+        with chunkkv(model, ratio=0.2, chunk_size=CHUNK, window=WINDOW, mode=mode) as state:
+            with torch.no_grad():
+                out = model.generate(input_ids, max_new_tokens=5, do_sample=False,
+                                     pad_token_id=0, return_dict_in_generate=True)
+        kept = spec_kept_length(180, 36)
+        assert state.prefills == 1
+        assert state.kept_lengths == [[kept], [kept]]
+        stored = out.past_key_values.layers[0].keys.shape[2]
+        # generate writes the last generated token's KV only if it runs one more step
+        assert stored in (kept + 4, kept + 5) if mode == "evict" else stored in (184, 185)
+        tokens[mode] = out.sequences[:, 180:]
+    assert torch.equal(tokens["evict"], tokens["sparse"])
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+@pytest.mark.parametrize("how", ["past_key_values", "cache", "positional"])
+def test_the_cache_is_found_however_it_is_passed(how):
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.24; the adapter finds the
+    cache object by type."""
+    model = tiny_model()
+    parameters = inspect.signature(model.forward).parameters
+    if how == "cache" and how not in parameters:
+        pytest.skip(f"transformers {transformers.__version__} has no {how!r} argument")
+    input_ids = prompt(120)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, ratio=0.2, chunk_size=CHUNK, window=WINDOW) as state, torch.no_grad():
+        if how == "positional":  # (input_ids, attention_mask, position_ids, cache)
+            model(input_ids, None, None, cache, use_cache=True)
+        else:
+            model(input_ids, **{how: cache}, use_cache=True)
+    assert state.prefills == 1
+    assert isinstance(cache.layers[0], CompressedLayer)
+    assert cache.layers[0].keys.shape[2] == spec_kept_length(120, 24)
+
+
+def test_a_prefill_without_a_cache_raises_instead_of_compressing_nothing():
+    model = tiny_model()
+    with chunkkv(model, ratio=0.2) as state, torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"no KV cache .*transformers \d"):
+            model(prompt(100), use_cache=False)
+    with pytest.raises(RuntimeError, match="compressed no prefill"):
+        state.require_prefill()
+
+
+def test_attention_function_takes_sdpa_arguments_positionally():
+    """Third-party patches (kvpress) wrap every registered attention function and pass
+    ``dropout`` and ``scaling`` positionally, in ``sdpa_attention_forward``'s order."""
+    registered = ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME]
+
+    def positional_wrapper(module, query, key, value, attention_mask, dropout=0.0,
+                           scaling=None, **kwargs):
+        return registered(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    model = tiny_model()
+    input_ids = prompt(150)
+    with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW):
+        expected = greedy(model, input_ids)
+    AttentionInterface.register(ATTENTION_NAME, positional_wrapper)
+    try:
+        with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW) as state:
+            got = greedy(model, input_ids)
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, registered)
+    assert state.prefills == 1
+    assert torch.equal(got, expected)
+
+
 def test_forward_calls_keep_true_positions():
     """A hand-written decode loop (no position_ids: the model reads them off the cache length)
     gives what generate gives."""
@@ -133,11 +220,11 @@ def test_forward_calls_keep_true_positions():
     with chunkkv(model, ratio=0.1, chunk_size=CHUNK, window=WINDOW) as state, torch.no_grad():
         expected = greedy(model, input_ids, new_tokens=5)
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids, **cache_kwargs(model, cache), use_cache=True).logits
         tokens = []
         for _ in range(5):
             tokens.append(logits[:, -1].argmax(-1, keepdim=True))
-            logits = model(tokens[-1], past_key_values=cache, use_cache=True).logits
+            logits = model(tokens[-1], **cache_kwargs(model, cache), use_cache=True).logits
     assert torch.equal(torch.cat(tokens, dim=1), expected)
     assert cache.layers[0].keys.shape[2] == state.kept_lengths[0][0] + 5
     assert cache.get_seq_length() == 155
@@ -149,7 +236,7 @@ def test_half_precision_cache_is_ops_compress():
     query, key, value = capture_prefill(model, input_ids)[1]
     cache = DynamicCache(config=model.config)
     with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW), torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, **cache_kwargs(model, cache), use_cache=True)
     expected = ops.compress(query[:, :, -WINDOW:], key, value, budget=40, chunk_size=CHUNK,
                             window=WINDOW, scaling=16**-0.5)
     assert cache.layers[1].keys.dtype == torch.bfloat16
@@ -183,7 +270,7 @@ def test_reused_layers_hold_their_group_leaders_indices():
     policy = RecordingChunkKV(chunk_size=CHUNK, window=WINDOW)
     cache = DynamicCache(config=model.config)
     with chunkkv(model, ratio=0.2, reuse_layers=2, policy=policy) as state, torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids, **cache_kwargs(model, cache), use_cache=True)
     assert policy.scored_layers == [0, 2]  # reused layers never compute scores
     for layer in (1, 3):
         leader = state.selections[layer - 1]
@@ -246,8 +333,8 @@ def test_any_policy_drives_the_cache(mode):
     input_ids = prompt(103)
     cache = DynamicCache(config=model.config)
     with chunkkv(model, budget=33, policy=RecentChunks(), mode=mode) as state, torch.no_grad():
-        model(input_ids, past_key_values=cache, use_cache=True)
-        logits = model(prompt(1, seed=9), past_key_values=cache, use_cache=True).logits
+        model(input_ids, **cache_kwargs(model, cache), use_cache=True)
+        logits = model(prompt(1, seed=9), **cache_kwargs(model, cache), use_cache=True).logits
     assert state.kept_lengths == [[33], [33]]  # chunks 14..19 then the 3-token tail
     assert state.selections[0].chunk_idx[0, 0].tolist() == list(range(14, 20))
     if mode == "evict":
@@ -320,7 +407,7 @@ def test_qwen2_sliding_layers_raise_at_layer_zero_before_any_change():
     cache = DynamicCache(config=model.config)
     with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW):
         with pytest.raises(ValueError, match="sliding window"), torch.no_grad():
-            model(prompt(80), past_key_values=cache, use_cache=True)
+            model(prompt(80), **cache_kwargs(model, cache), use_cache=True)
     assert not any(isinstance(layer, CompressedLayer) for layer in cache.layers)
 
 
@@ -348,12 +435,12 @@ def test_repeated_rows_keep_their_row_state(mode):
     mask[1, :7] = 0  # left padding: per-row state that must be repeated with the rows
     cache = DynamicCache(config=model.config)
     with chunkkv(model, ratio=0.3, chunk_size=CHUNK, window=WINDOW, mode=mode), torch.no_grad():
-        model(input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
         cache.batch_repeat_interleave(2)
         step = torch.tensor([[5], [5], [9], [9]])
-        full_mask = torch.cat([mask.repeat_interleave(2, dim=0), torch.ones(4, 1, dtype=mask.dtype)],
-                              dim=1)
-        logits = model(step, attention_mask=full_mask, past_key_values=cache,
+        full_mask = torch.cat([mask.repeat_interleave(2, dim=0),
+                               torch.ones(4, 1, dtype=mask.dtype)], dim=1)
+        logits = model(step, attention_mask=full_mask, **cache_kwargs(model, cache),
                        use_cache=True).logits
     torch.testing.assert_close(logits[0], logits[1])
     torch.testing.assert_close(logits[2], logits[3])

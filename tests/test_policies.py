@@ -10,9 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from triton_chunkkv.ops import reference
-from triton_chunkkv.policies import (H2O, POLICIES, ChunkKV, FullKV, PhraseChunkKV, PyramidKV,
-                                     Selection, SnapKV, StreamingLLM, kept_length, make_policy,
-                                     observation_window, pyramid_budgets)
+from triton_chunkkv.policies import (
+    H2O,
+    POLICIES,
+    ChunkKV,
+    FullKV,
+    PhraseChunkKV,
+    PyramidKV,
+    Selection,
+    SnapKV,
+    StreamingLLM,
+    kept_length,
+    make_policy,
+    observation_window,
+    pyramid_budgets,
+)
 
 WINDOW = 8
 

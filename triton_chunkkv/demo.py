@@ -62,12 +62,14 @@ def greedy_answer(model, tokenizer, input_ids, max_new_tokens, state=None) -> Ru
     ``chunkkv``), then one token at a time."""
     from transformers import DynamicCache
 
+    from .integrations.hf import cache_kwargs
+
     sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         sync()
         start = time.perf_counter()
-        logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
         sync()
         prefill_s = time.perf_counter() - start
         stored = kv_bytes(cache)
@@ -78,7 +80,7 @@ def greedy_answer(model, tokenizer, input_ids, max_new_tokens, state=None) -> Ru
             if token.item() == tokenizer.eos_token_id:
                 break
             tokens.append(token.item())
-            logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1]
         sync()
         decode_s = time.perf_counter() - start
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -119,6 +121,7 @@ def run(args) -> int:
     with chunkkv(model, ratio=args.ratio, chunk_size=args.chunk_size, window=args.window,
                  mode=args.mode) as state:
         compressed = greedy_answer(model, tokenizer, input_ids, args.max_new_tokens, state)
+    state.require_prefill()
 
     config = model.config
     kernels = "Triton kernels" if use_triton(input_ids) else "torch reference ops"

@@ -36,6 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import ops
+from ..integrations.hf import cache_kwargs
 from ..ops import reference
 from ..policies import Policy, Selection, observation_window
 
@@ -234,7 +235,7 @@ def greedy_decode(model, pre: Prefill, caches, max_new_tokens: int, stop_ids=())
             if stop_ids and all(any(t in stop_ids for t in row) for row in rows):
                 break
             last = torch.tensor([[row[-1]] for row in rows], device=device)
-            logits = model(last, past_key_values=cache, use_cache=True, logits_to_keep=1,
+            logits = model(last, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
                            position_ids=torch.full_like(last, position)).logits
             for row, token in zip(rows, logits[:, -1].argmax(dim=-1).tolist()):
                 row.append(token)
@@ -264,7 +265,7 @@ def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
     tokens = torch.tensor([continuation] * len(caches), device=device)
     positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)
     with recording(model, Recorder(exact=True, key_start=key_start)) as rec:
-        model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        model(tokens, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
               position_ids=positions)
     traces = []
     for row in range(len(caches)):

@@ -119,6 +119,7 @@ def generate_with_adapter(model, input_ids, policy, budget, max_new_tokens, stop
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=sorted(stop_ids), pad_token_id=min(stop_ids))
+    state.require_prefill()
     return list(state.selections), out[0, input_ids.shape[1]:].tolist()
 
 

@@ -17,8 +17,11 @@ How it hooks in, without patching model code:
   as is: after eviction the cache is shorter than the sequence, so the 4-D masks transformers
   would build from the cache length no longer line up; the decode mask is built from each
   layer's own per-row state instead.
-* A forward pre-hook on each attention module reads the ``past_key_values`` it is called with,
-  so the attention function can swap the layer's cache entry for a :class:`CompressedLayer`.
+* A forward pre-hook on each attention module finds the ``Cache`` it is called with (the
+  argument is ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24; the hook looks
+  for the object, not the name), so the attention function can swap the layer's cache entry for
+  a :class:`CompressedLayer`. A prefill that reaches the attention function without a cache it
+  can compress raises: the context never runs as a silent no-op.
   That layer reports the true sequence length, so positions never shift (SPEC "Positions"):
   after a ``T``-token prompt the next token has position ``T`` whatever the kept length.
 
@@ -29,6 +32,7 @@ selects on its own unpadded prompt, exactly as if it ran alone.
 
 from __future__ import annotations
 
+import inspect
 import time
 import weakref
 from contextlib import contextmanager
@@ -38,6 +42,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -78,6 +83,7 @@ class ChunkKVState:
         kept_lengths: per layer, per row: how many prompt tokens each KV head keeps
             (``T_b`` when nothing is dropped).
         compress_seconds: time spent selecting and compacting during the prefill (all layers).
+        prefills: how many prefills have been compressed inside the context so far.
     """
 
     policy: Policy
@@ -89,6 +95,15 @@ class ChunkKVState:
     selections: list = field(default_factory=list)
     kept_lengths: list[list[int]] = field(default_factory=list)
     compress_seconds: float = 0.0
+    prefills: int = 0
+
+    def require_prefill(self) -> None:
+        """Raises unless a prefill ran through the adapter: results of a context that
+        compressed nothing must not be reported as ChunkKV's."""
+        if not self.prefills:
+            raise RuntimeError(f"chunkkv compressed no prefill inside the context (transformers "
+                               f"{transformers.__version__}): the numbers would be the full "
+                               "cache's")
 
     def row_selection(self, layer: int, row: int) -> Selection | None:
         """Row ``row``'s selection in ``layer``, with batch dimension 1."""
@@ -104,6 +119,7 @@ class ChunkKVState:
         self.selections = [None] * self.num_layers
         self.kept_lengths = [list(prompt_lengths) for _ in range(self.num_layers)]
         self.compress_seconds = 0.0
+        self.prefills += 1
 
 
 class SparseIndex(NamedTuple):
@@ -115,8 +131,9 @@ class SparseIndex(NamedTuple):
     chunk_counts: torch.Tensor | None  # int32 [B] when rows keep different numbers of chunks
     row_offset: torch.Tensor | None  # int32 [B]: cache index of each row's position 0
 
-    def select_rows(self, rows: torch.Tensor) -> "SparseIndex":
-        pick = (lambda t: t[rows] if isinstance(t, torch.Tensor) else t)
+    def select_rows(self, rows: torch.Tensor) -> SparseIndex:
+        def pick(t):
+            return (t[rows] if isinstance(t, torch.Tensor) else t)
         return SparseIndex(self.chunk_idx[rows], self.chunk_size, pick(self.tail_start),
                            pick(self.chunk_counts), pick(self.row_offset))
 
@@ -188,7 +205,7 @@ class _Session:
 
 
 # Attention module -> its session; the registered attention function looks itself up here.
-_SESSIONS: "weakref.WeakKeyDictionary[torch.nn.Module, _Session]" = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, _Session] = weakref.WeakKeyDictionary()
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -294,14 +311,24 @@ def chunkkv(model, *, budget=None, ratio=None, chunk_size=10, window=32, reuse_l
             _SESSIONS.pop(module, None)
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for a forward call of ``model``: the argument is ``cache`` from
+    transformers 5.24 and ``past_key_values`` before (5.24 still takes the old name, with a
+    deprecation warning)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def _remember_input_ids(session, model, args, kwargs):
     """Model pre-hook: the call's ``input_ids`` (``None`` when it gets embeddings)."""
     session.input_ids = kwargs.get("input_ids", args[0] if args else None)
 
 
 def _remember_cache(module, args, kwargs):
-    """Attention pre-hook: the cache this layer is about to update."""
-    _SESSIONS[module].caches[module.layer_idx] = kwargs.get("past_key_values")
+    """Attention pre-hook: the cache this layer is about to update, found by type whatever
+    transformers names the argument (``past_key_values``, ``cache``) or however it is passed."""
+    caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
+    _SESSIONS[module].caches[module.layer_idx] = caches[0] if caches else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,21 +345,30 @@ def _padding_mask(*, attention_mask=None, **_):
     return attention_mask
 
 
-def chunkkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      sliding_window=None, **_):
-    """``AttentionInterface`` entry. ``query [B, Hq, q, D]``, ``key``/``value`` the layer's
-    cache after the update; returns ``([B, q, Hq, D], None)``."""
+def chunkkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """``AttentionInterface`` entry, with the parameters of transformers'
+    ``sdpa_attention_forward`` in its order (wrappers pass them positionally). ``query
+    [B, Hq, q, D]``, ``key``/``value`` the layer's cache after the update; returns
+    ``([B, q, Hq, D], None)``."""
     session = _SESSIONS.get(module)
     if session is None:
         raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside "
                            "triton_chunkkv.integrations.hf.chunkkv(model, ...)")
     cache = session.caches.pop(module.layer_idx, None)  # not kept alive past this call
-    layer = cache.layers[module.layer_idx] if isinstance(cache, Cache) else None
     q_len = query.shape[2]
-    if layer is not None and not isinstance(layer, DynamicLayer):
+    if cache is None:
+        raise RuntimeError(
+            f"chunkkv found no KV cache in layer {module.layer_idx}'s attention call "
+            f"(transformers {transformers.__version__}), so there is nothing to compress: run "
+            "the model with use_cache=True; if it does, this transformers version passes the "
+            "cache in a way the adapter does not know")
+    layer = cache.layers[module.layer_idx]
+    sliding_window = kwargs.get("sliding_window")
+    if not isinstance(layer, DynamicLayer):
         raise ValueError(f"chunkkv needs a DynamicCache (layers that grow); got a "
                          f"{type(layer).__name__}, e.g. from cache_implementation='static'")
-    seq_len = layer.get_seq_length() if layer is not None else key.shape[2]
+    seq_len = layer.get_seq_length()
     # Also checked against the smallest window of any layer (Qwen2 keeps it on the sliding
     # layers only), so that layer 0 raises before any layer is changed.
     window = min((w for w in (sliding_window, session.sliding_window) if w), default=None)
@@ -360,7 +396,7 @@ def chunkkv_attention(module, query, key, value, attention_mask, scaling=None, d
     key_valid = attention_mask[:, :key.shape[2]] if attention_mask is not None else None
     out = _dense(module, query, key, value,
                  _causal_mask(q_len, key.shape[2], key_valid, query.device), scaling, dropout)
-    if layer is not None and key.shape[2] == q_len:  # this call filled an empty cache
+    if key.shape[2] == q_len:  # this call filled an empty cache
         _compress_layer(session, module.layer_idx, cache, query, key, value, attention_mask,
                         scaling)
         session.awaiting_decode.add(module.layer_idx)
@@ -518,7 +554,8 @@ def _compress_rows(mode, key, value, selections, pads, kept_lengths) -> Compress
                 chunk_idx[row, :, :counts[row]] = selection.chunk_idx[0]
         # A row that keeps everything: no chunks, and a dense range from its position 0.
         tails = [0 if s is None else s.tail_start for s in selections]
-        as_int32 = (lambda values: torch.tensor(values, dtype=torch.int32, device=device))
+        def as_int32(values):
+            return (torch.tensor(values, dtype=torch.int32, device=device))
         index = SparseIndex(chunk_idx, chunk_sizes.pop(), as_int32(tails), as_int32(counts),
                             as_int32(pads))
         return CompressedLayer(key, value, seq_len=T_pad,
@@ -532,7 +569,8 @@ def _compress_rows(mode, key, value, selections, pads, kept_lengths) -> Compress
         rows_k.append(k)
         rows_v.append(v)
     width = max(k.shape[2] for k in rows_k)
-    left_pad = (lambda t: F.pad(t, (0, 0, width - t.shape[2], 0)))
+    def left_pad(t):
+        return (F.pad(t, (0, 0, width - t.shape[2], 0)))
     key_start = torch.tensor([width - k.shape[2] for k in rows_k], device=device)
     return CompressedLayer(torch.cat([left_pad(k) for k in rows_k]),
                            torch.cat([left_pad(v) for v in rows_v]),

@@ -44,7 +44,7 @@ class ChunkKVCache:
     """
 
     def __init__(self, *, budget=None, ratio=None, policy: Policy | None = None, mode="evict",
-                 layer=0, num_layers=1, leader: "ChunkKVCache | None" = None):
+                 layer=0, num_layers=1, leader: ChunkKVCache | None = None):
         check_budget(budget, ratio)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

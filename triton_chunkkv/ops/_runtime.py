@@ -23,7 +23,7 @@ import triton
 
 CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
-TUNED_KERNELS: dict[str, "TunedKernel"] = {}
+TUNED_KERNELS: dict[str, TunedKernel] = {}
 
 
 def interpreting() -> bool:
@@ -32,7 +32,34 @@ def interpreting() -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor``'s op should run the Triton kernel rather than the reference."""
-    return tensor.is_cuda or (tensor.device.type == "cpu" and interpreting())
+    if tensor.is_cuda:
+        return True
+    if tensor.device.type == "cpu" and interpreting():
+        fix_old_interpreter()
+        return True
+    return False
+
+
+def triton_version() -> tuple[int, int]:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+@functools.cache
+def fix_old_interpreter() -> None:
+    """Triton before 3.8 interprets a scalar used as an index (a runtime ``range`` bound) with
+    ``int(array)`` on a 1-element array, which numpy >= 2.4 refuses; 3.8 squeezes the array
+    first. Older interpreters get 3.8's conversion, so CPU runs work with any numpy."""
+    if triton_version() >= (3, 8):
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_squeezed_index(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_squeezed_index
 
 
 def empty_output(shape, dtype, device) -> torch.Tensor:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import reference
-from ._checks import (check_budget, check_chunking, check_int, check_key_value,
-                      check_pool_kernel)
+from ._checks import check_budget, check_chunking, check_int, check_key_value, check_pool_kernel
 from .chunk_sum import _chunk_sum
 from .gather import _gather_chunks
 from .reference import Compressed

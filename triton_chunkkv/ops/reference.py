@@ -8,8 +8,9 @@ materializes the ``[B, Hq, w, T]`` window probabilities that the kernels never s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -22,10 +22,16 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import (check_dim, check_gqa, check_int, check_key_value, check_same,
-                      check_scaling, check_tensor)
-from ._runtime import (bucket, empty_output, interpreting, multiprocessor_count, tuned,
-                       use_triton)
+from ._checks import (
+    check_dim,
+    check_gqa,
+    check_int,
+    check_key_value,
+    check_same,
+    check_scaling,
+    check_tensor,
+)
+from ._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.
@@ -382,7 +388,8 @@ def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_l
         scaling * 1.4426950408889634,  # log2(e): the kernels use exp2
         *q.stride(), *k_strides, *v_strides, *chunk_idx.stride(), *slot_strides,
         TOKENS_PER_SPLIT_BUCKET=bucket(triton.cdiv(max_tokens, num_splits)),
-        ELEMENT_BYTES=k_cache.element_size(), GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size, TAIL_PER_ROW=tail_is_tensor,
+        ELEMENT_BYTES=k_cache.element_size(), GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size,
+        TAIL_PER_ROW=tail_is_tensor,
         HAS_SLOT_MAP=slot_map is not None, HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there

@@ -25,10 +25,15 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._checks import (check_dim, check_gqa, check_pool_kernel, check_same, check_scaling,
-                      check_tensor)
-from ._runtime import (bucket, empty_output, interpreting, multiprocessor_count, tuned,
-                       use_triton)
+from ._checks import (
+    check_dim,
+    check_gqa,
+    check_pool_kernel,
+    check_same,
+    check_scaling,
+    check_tensor,
+)
+from ._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
 
 # Pass 1 wants a few programs per SM; each split then covers at least this many keys, because a
 # split adds g * w statistics to merge.

@@ -40,7 +40,7 @@ class ChunkKVSettings:
             raise TypeError(f"share_heads must be a bool, got {self.share_heads!r}")
 
     @classmethod
-    def from_env(cls, environ=None) -> "ChunkKVSettings":
+    def from_env(cls, environ=None) -> ChunkKVSettings:
         """The JSON file named by ``CHUNKKV_CONFIG`` (if any), then ``CHUNKKV_<FIELD>``
         variables on top. Setting ``CHUNKKV_BUDGET`` drops a ``ratio`` from the file, and the
         other way round, so one variable is enough to switch modes."""
