@@ -34,14 +34,16 @@ def fold(baseline: dict, new: dict) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results JSON files of one device")
-    parser.add_argument("--out", default=None,
-                        help="baseline to update (default: benchmarks/baselines/<device>.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="baseline to update (default: benchmarks/baselines/<device>.json)",
+    )
     args = parser.parse_args(argv)
     new = load_results(*args.results)
     device = device_of(new, "the new results")
     path = Path(args.out) if args.out else BASELINES / f"{device}.json"
-    baseline = load_results(path) if path.exists() else {"schema": SCHEMA, "runs": [],
-                                                          "rows": []}
+    baseline = load_results(path) if path.exists() else {"schema": SCHEMA, "runs": [], "rows": []}
     if baseline["runs"] and device_of(baseline, str(path)) != device:
         raise SystemExit(f"{path} is a baseline of another device than {device}")
     merged = fold(baseline, new)

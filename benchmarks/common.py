@@ -40,13 +40,21 @@ BASELINES = Path(__file__).resolve().parent / "baselines"
 
 def sweep_arguments(parser, presets: dict, what: str) -> None:
     """The options every sweep script takes: preset, output, device, threads, time budget."""
-    parser.add_argument("--preset", default=None, choices=sorted(presets),
-                        help=f"{what} (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(presets),
+        help=f"{what} (default: gpu on CUDA, cpu otherwise)",
+    )
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads on a CPU")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds after which the remaining rows are skipped")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds after which the remaining rows are skipped",
+    )
 
 
 def pick_device(name: str | None, cpu_threads: int = 1) -> torch.device:
@@ -89,10 +97,20 @@ def git_commit() -> str:
     if os.environ.get("CHUNKKV_COMMIT"):
         return os.environ["CHUNKKV_COMMIT"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty.strip() else "")
@@ -132,28 +150,38 @@ def synchronize(device: torch.device) -> None:
 
 def timer_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return ("triton.testing.do_bench (CUDA events, L2 flushed before each call, "
-                "25 ms warm-up, 100 ms of timed calls, median)")
+        return (
+            "triton.testing.do_bench (CUDA events, L2 flushed before each call, "
+            "25 ms warm-up, 100 ms of timed calls, median)"
+        )
     return "time.perf_counter per call after one warm-up call per input set, median"
 
 
-def time_ms(fn, input_sets, device: torch.device, min_reps: int = 5,
-            min_time_s: float = 0.2, max_reps: int = 200) -> dict:
+def time_ms(
+    fn,
+    input_sets,
+    device: torch.device,
+    min_reps: int = 5,
+    min_time_s: float = 0.2,
+    max_reps: int = 200,
+) -> dict:
     """Median, 20th and 80th percentile milliseconds of ``fn(inputs)``, cycling through
     ``input_sets`` so that consecutive calls do not find their inputs in cache."""
     sets = itertools.cycle(input_sets)
     if device.type == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(lambda: fn(next(sets)), warmup=25, rep=100,
-                                                quantiles=[0.5, 0.2, 0.8])
+        p50, p20, p80 = triton.testing.do_bench(
+            lambda: fn(next(sets)), warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]
+        )
         return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
     for inputs in input_sets:
         fn(inputs)
     times = []
     start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < min_time_s
-                                    and len(times) < max_reps):
+    while len(times) < min_reps or (
+        time.perf_counter() - start < min_time_s and len(times) < max_reps
+    ):
         inputs = next(sets)
         begin = time.perf_counter()
         fn(inputs)

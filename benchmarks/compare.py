@@ -42,8 +42,9 @@ def compare(new: dict, baseline: dict, threshold: float, all_impls: bool = False
         elif row["status"] == "skipped":
             report["not_measured"].append((row["id"], None, None, None, row.get("note", "")))
         elif row["status"] != "ok":
-            report["regressions"].append((row["id"], None, None, None,
-                                          f"{row['status']}: {row.get('note', '')}"))
+            report["regressions"].append(
+                (row["id"], None, None, None, f"{row['status']}: {row.get('note', '')}")
+            )
         else:
             for time in TIMES:
                 if row.get(time) is None or base.get(time) is None:
@@ -65,10 +66,17 @@ def format_entry(entry) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results JSON files of one device")
-    parser.add_argument("--threshold", type=float, required=True,
-                        help="allowed slowdown, as a fraction (0.10: fail above +10 %%)")
-    parser.add_argument("--baseline", default=None,
-                        help="baseline JSON (default: benchmarks/baselines/<device>.json)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        required=True,
+        help="allowed slowdown, as a fraction (0.10: fail above +10 %%)",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="baseline JSON (default: benchmarks/baselines/<device>.json)",
+    )
     parser.add_argument("--all", action="store_true", help="also compare the torch peers")
     parser.add_argument("--verbose", action="store_true", help="list every compared row")
     args = parser.parse_args(argv)
@@ -82,16 +90,22 @@ def main(argv=None) -> int:
         return 2
     baseline = load_results(path)
     if device_of(baseline, str(path)) != device:
-        print(f"compare: {path} is a baseline of {device_of(baseline, str(path))}, the results "
-              f"are from {device}", file=sys.stderr)
+        print(
+            f"compare: {path} is a baseline of {device_of(baseline, str(path))}, the results "
+            f"are from {device}",
+            file=sys.stderr,
+        )
         return 2
     report = compare(new, baseline, args.threshold, args.all)
     ratios = sorted(entry[4] for entry in report["compared"])
-    print(f"compare: {len(report['compared'])} times against {path} "
-          f"(threshold +{args.threshold:.0%})")
+    print(
+        f"compare: {len(report['compared'])} times against {path} (threshold +{args.threshold:.0%})"
+    )
     if ratios:
-        print(f"  new / baseline: best x{ratios[0]:.2f}, median x{ratios[len(ratios) // 2]:.2f}"
-              f", worst x{ratios[-1]:.2f}")
+        print(
+            f"  new / baseline: best x{ratios[0]:.2f}, median x{ratios[len(ratios) // 2]:.2f}"
+            f", worst x{ratios[-1]:.2f}"
+        )
     if args.verbose:
         for entry in report["compared"]:
             print(format_entry(entry))

@@ -62,8 +62,9 @@ def build_model(preset: E2EPreset, device: torch.device):
 
 def configurations(preset: E2EPreset) -> list[tuple[str, int | None]]:
     """``(mode, reuse_layers)``: FullKV first, as the other rows are measured against it."""
-    return [("full", None)] + [(mode, reuse) for mode in ("evict", "sparse")
-                               for reuse in preset.reuse]
+    return [("full", None)] + [
+        (mode, reuse) for mode in ("evict", "sparse") for reuse in preset.reuse
+    ]
 
 
 def compression(model, mode: str, reuse: int | None, ratio: float):
@@ -71,8 +72,9 @@ def compression(model, mode: str, reuse: int | None, ratio: float):
         return contextlib.nullcontext()
     from triton_chunkkv.integrations.hf import chunkkv
 
-    return chunkkv(model, ratio=ratio, chunk_size=CHUNK_SIZE, window=WINDOW,
-                   reuse_layers=reuse, mode=mode)
+    return chunkkv(
+        model, ratio=ratio, chunk_size=CHUNK_SIZE, window=WINDOW, reuse_layers=reuse, mode=mode
+    )
 
 
 def cache_bytes(cache) -> int:
@@ -103,16 +105,23 @@ def generate_once(model, input_ids, new_tokens: int, device: torch.device, state
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
-                         return_dict_in_generate=True)
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock]),
+        return_dict_in_generate=True,
+    )
     steps = len(clock.times) - 1
     result = {
         "prefill_ms": (clock.times[0] - start) * 1e3,
         "decode_ms_per_step": (clock.times[-1] - clock.times[0]) * 1e3 / steps,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
-                              if device.type == "cuda" else None),
+        "peak_memory_bytes": (
+            torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        ),
         "kv_bytes": cache_bytes(out.past_key_values),
     }
     if state is not None:  # a ChunkKV run: what the adapter measured and kept
@@ -123,12 +132,19 @@ def generate_once(model, input_ids, new_tokens: int, device: torch.device, state
 
 
 def run(preset: E2EPreset, device: torch.device, out, time_budget=None, argv=()) -> dict:
-    meta = run_meta(device, "benchmarks.e2e", argv,
-                    "time.perf_counter around HF generate, device synchronized at every step",
-                    suite="e2e", preset=preset.name, model=preset.model,
-                    ops_path="triton" if device.type == "cuda" else "torch-reference",
-                    model_config=preset.config, new_tokens=preset.new_tokens,
-                    repeats=preset.repeats)
+    meta = run_meta(
+        device,
+        "benchmarks.e2e",
+        argv,
+        "time.perf_counter around HF generate, device synchronized at every step",
+        suite="e2e",
+        preset=preset.name,
+        model=preset.model,
+        ops_path="triton" if device.type == "cuda" else "torch-reference",
+        model_config=preset.config,
+        new_tokens=preset.new_tokens,
+        repeats=preset.repeats,
+    )
     import transformers
 
     meta["transformers"] = transformers.__version__
@@ -146,29 +162,44 @@ def run(preset: E2EPreset, device: torch.device, out, time_budget=None, argv=())
             full = None
             for mode, reuse in configurations(preset):
                 impl = "hf-full" if mode == "full" else f"chunkkv-{mode}"
-                row = {"id": row_id(suite="e2e", impl=impl, model=preset.model, B=batch,
-                                    T=seq_len, dtype=preset.dtype,
-                                    kept=None if mode == "full" else preset.ratio, reuse=reuse),
-                       "suite": "e2e", "impl": impl, "mode": mode, "model": preset.model,
-                       "B": batch, "T": seq_len, "dtype": preset.dtype,
-                       "kept": None if mode == "full" else preset.ratio, "reuse": reuse,
-                       "new_tokens": preset.new_tokens}
+                row = {
+                    "id": row_id(
+                        suite="e2e",
+                        impl=impl,
+                        model=preset.model,
+                        B=batch,
+                        T=seq_len,
+                        dtype=preset.dtype,
+                        kept=None if mode == "full" else preset.ratio,
+                        reuse=reuse,
+                    ),
+                    "suite": "e2e",
+                    "impl": impl,
+                    "mode": mode,
+                    "model": preset.model,
+                    "B": batch,
+                    "T": seq_len,
+                    "dtype": preset.dtype,
+                    "kept": None if mode == "full" else preset.ratio,
+                    "reuse": reuse,
+                    "new_tokens": preset.new_tokens,
+                }
                 if time_budget is not None and time.perf_counter() - start > time_budget:
                     row.update(status="skipped", note=f"time budget of {time_budget:.0f} s spent")
                 else:
                     try:
-                        row.update(measure(model, input_ids, warm_ids, mode, reuse, preset,
-                                           device))
+                        row.update(measure(model, input_ids, warm_ids, mode, reuse, preset, device))
                     except Exception as error:  # noqa: BLE001 - one failure must not end the run
-                        row.update(status="oom" if is_out_of_memory(error) else "error",
-                                   note=error_note(error))
+                        row.update(
+                            status="oom" if is_out_of_memory(error) else "error",
+                            note=error_note(error),
+                        )
                     free_memory(device)
                 if mode == "full":
                     full = row if row["status"] == "ok" else None
                 elif row["status"] == "ok" and full is not None:
                     row["kv_fraction"] = row["kv_bytes"] / full["kv_bytes"]
-                    row["decode_speedup"] = (full["decode_ms_per_step"]
-                                             / row["decode_ms_per_step"])
+                    row["decode_speedup"] = full["decode_ms_per_step"] / row["decode_ms_per_step"]
                 print(format_row(writer.add(row)), flush=True)
     writer.finish(device, start)
     return writer.data
@@ -196,9 +227,11 @@ def format_row(row: dict) -> str:
     head = f"{row['impl']:<16}N{row['reuse'] or '-':<3}B{row['B']:<3}T{row['T']:<7}"
     if row["status"] != "ok":
         return f"{head}{row['status']}: {row.get('note', '')}"
-    text = (f"{head}prefill {row['prefill_ms']:9.1f} ms  decode {row['decode_ms_per_step']:8.2f}"
-            f" ms/step {row['decode_tokens_per_s']:8.1f} tok/s  KV {row['kv_bytes'] / 2**20:8.1f}"
-            " MiB")
+    text = (
+        f"{head}prefill {row['prefill_ms']:9.1f} ms  decode {row['decode_ms_per_step']:8.2f}"
+        f" ms/step {row['decode_tokens_per_s']:8.1f} tok/s  KV {row['kv_bytes'] / 2**20:8.1f}"
+        " MiB"
+    )
     if "compress_ms" in row:
         text += f"  compress {row['compress_ms']:7.1f} ms  kept {row['kept_fraction']:6.1%}"
     if "kv_fraction" in row:

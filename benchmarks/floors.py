@@ -34,8 +34,9 @@ def dtype_bytes(dtype: str) -> int:
 
 def kept_chunks(seq_len: int, kept: float) -> int:
     """``n_keep`` of SPEC step 5 for ``ratio = kept`` (every chunk when nothing is dropped)."""
-    n_keep = reference.num_kept_chunks(seq_len, reference.resolve_budget(seq_len, ratio=kept),
-                                       CHUNK_SIZE, WINDOW)
+    n_keep = reference.num_kept_chunks(
+        seq_len, reference.resolve_budget(seq_len, ratio=kept), CHUNK_SIZE, WINDOW
+    )
     if n_keep is None:
         return reference.tail_start(seq_len, CHUNK_SIZE, WINDOW) // CHUNK_SIZE
     return n_keep
@@ -43,13 +44,23 @@ def kept_chunks(seq_len: int, kept: float) -> int:
 
 def kept_len(seq_len: int, kept: float) -> int:
     """Rows per KV head after compression: kept chunks plus the dense tail."""
-    return kept_chunks(seq_len, kept) * CHUNK_SIZE + seq_len - reference.tail_start(
-        seq_len, CHUNK_SIZE, WINDOW)
+    return (
+        kept_chunks(seq_len, kept) * CHUNK_SIZE
+        + seq_len
+        - reference.tail_start(seq_len, CHUNK_SIZE, WINDOW)
+    )
 
 
-def floor_bytes(op: str, model: Model, batch: int, seq_len: int, dtype: str,
-                kept: float | None = None, reuse: int | None = None,
-                layers: int | None = None) -> int:
+def floor_bytes(
+    op: str,
+    model: Model,
+    batch: int,
+    seq_len: int,
+    dtype: str,
+    kept: float | None = None,
+    reuse: int | None = None,
+    layers: int | None = None,
+) -> int:
     """Bytes ``op`` must move. ``op`` names a computation, so a peer row of the same op (same
     output) has the same floor; ``sdpa_full`` is decode attention over the whole cache."""
     elt = dtype_bytes(dtype)
@@ -91,13 +102,17 @@ def main(argv=None) -> None:
     for model in preset.models:
         for seq_len in preset.seq_lens:
             rows = [("window_scores", None), ("chunk_sum", None), ("sdpa_full", None)]
-            rows += [(op, kept) for kept in preset.kept
-                     for op in ("gather_chunks", "compress", "sparse_decode")]
+            rows += [
+                (op, kept)
+                for kept in preset.kept
+                for op in ("gather_chunks", "compress", "sparse_decode")
+            ]
             for op, kept in rows:
                 mib = floor_bytes(op, model, args.batch, seq_len, preset.dtype, kept) / 2**20
                 kept_text = "-" if kept is None else f"{kept:.0%}"
-                print(f"| {model.name} | {args.batch} | {seq_len} | {kept_text} | {op} | "
-                      f"{mib:.2f} |")
+                print(
+                    f"| {model.name} | {args.batch} | {seq_len} | {kept_text} | {op} | {mib:.2f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,14 @@ from .common import (
 from .floors import floor_bytes, kept_chunks, kept_len
 from .shapes import CHUNK_SIZE, OPS_PRESETS, WINDOW, Model, OpsPreset
 
-OPS = ("window_scores", "chunk_sum", "gather_chunks", "compress", "compress_layers",
-       "sparse_decode")
+OPS = (
+    "window_scores",
+    "chunk_sum",
+    "gather_chunks",
+    "compress",
+    "compress_layers",
+    "sparse_decode",
+)
 MAX_INPUT_SETS = 4
 
 
@@ -87,10 +93,14 @@ class Bench:
         m, B, T = case.model, case.batch, case.seq_len
         elt = self.dtype.itemsize
         set_bytes = B * (m.num_q_heads * WINDOW + 2 * m.num_kv_heads * T) * m.head_dim * elt
-        return self.input_sets(lambda: (self.randn(B, m.num_q_heads, WINDOW, m.head_dim),
-                                        self.randn(B, m.num_kv_heads, T, m.head_dim),
-                                        self.randn(B, m.num_kv_heads, T, m.head_dim)),
-                               set_bytes)
+        return self.input_sets(
+            lambda: (
+                self.randn(B, m.num_q_heads, WINDOW, m.head_dim),
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+            ),
+            set_bytes,
+        )
 
     def chunk_idx(self, case: Case) -> torch.Tensor:
         """A random selection of ``n_keep`` chunks per head, sorted (what step 6 returns)."""
@@ -114,8 +124,9 @@ class Bench:
     def setup_chunk_sum(self, case):
         m, B, T = case.model, case.batch, case.seq_len
         sets = self.input_sets(
-            lambda: (torch.rand(B, m.num_kv_heads, T, device=self.device),), B * m.num_kv_heads
-            * T * 4)
+            lambda: (torch.rand(B, m.num_kv_heads, T, device=self.device),),
+            B * m.num_kv_heads * T * 4,
+        )
         impl = reference if case.impl == "torch-reference" else self.impl
         return (lambda s: impl.chunk_sum(s[0], CHUNK_SIZE, WINDOW)), sets
 
@@ -136,13 +147,19 @@ class Bench:
 
     def setup_compress_layers(self, case):
         m, B, T = case.model, case.batch, case.seq_len
-        layers = [(self.randn(B, m.num_q_heads, WINDOW, m.head_dim) if layer % case.reuse == 0
-                   else None,  # a reused layer's window queries are never computed
-                   self.randn(B, m.num_kv_heads, T, m.head_dim),
-                   self.randn(B, m.num_kv_heads, T, m.head_dim))
-                  for layer in range(self.preset.reuse_layers)]
-        options = dict(reuse_layers=case.reuse, ratio=case.kept, chunk_size=CHUNK_SIZE,
-                       window=WINDOW)
+        layers = [
+            (
+                self.randn(B, m.num_q_heads, WINDOW, m.head_dim)
+                if layer % case.reuse == 0
+                else None,  # a reused layer's window queries are never computed
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+            )
+            for layer in range(self.preset.reuse_layers)
+        ]
+        options = dict(
+            reuse_layers=case.reuse, ratio=case.kept, chunk_size=CHUNK_SIZE, window=WINDOW
+        )
         return (lambda s: self.impl.compress_layers(s, **options)), [layers]
 
     def setup_sparse_decode(self, case):
@@ -154,8 +171,10 @@ class Bench:
 
         def make():
             q = self.randn(B, m.num_q_heads, m.head_dim)
-            k, v = self.randn(B, m.num_kv_heads, T, m.head_dim), self.randn(
-                B, m.num_kv_heads, T, m.head_dim)
+            k, v = (
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+                self.randn(B, m.num_kv_heads, T, m.head_dim),
+            )
             if case.impl == "sdpa-compacted":  # the cache of SPEC step 7, gathered untimed
                 return (q, *reference.gather_chunks(k, v, chunk_idx, CHUNK_SIZE, p0))
             return q, k, v
@@ -166,8 +185,11 @@ class Bench:
         if case.impl == "flex-block-mask":
             run = peers.flex_sparse_decode(*sets[0], chunk_idx, CHUNK_SIZE, p0, seq_lens)
             return (lambda s: run(*s)), sets
-        return (lambda s: self.impl.sparse_decode(*s, chunk_idx, CHUNK_SIZE, p0, seq_lens,
-                                                  **self.decode_options)), sets
+        return (
+            lambda s: self.impl.sparse_decode(
+                *s, chunk_idx, CHUNK_SIZE, p0, seq_lens, **self.decode_options
+            )
+        ), sets
 
 
 def cases(preset: OpsPreset, device: torch.device, selected_ops) -> list[Case]:
@@ -179,25 +201,31 @@ def cases(preset: OpsPreset, device: torch.device, selected_ops) -> list[Case]:
         for seq_len in preset.seq_lens:
             for batch in preset.batches:
                 shape = dict(model=model, batch=batch, seq_len=seq_len)
-                out += [Case("window_scores", "chunkkv", **shape),
-                        Case("window_scores", "torch-materialized", **shape),
-                        Case("chunk_sum", "chunkkv", **shape)]
+                out += [
+                    Case("window_scores", "chunkkv", **shape),
+                    Case("window_scores", "torch-materialized", **shape),
+                    Case("chunk_sum", "chunkkv", **shape),
+                ]
                 if on_cuda:
                     out.append(Case("chunk_sum", "torch-reference", **shape))
                 out.append(Case("sparse_decode", "sdpa-full", **shape))
                 for kept in preset.kept:
-                    out += [Case("gather_chunks", "chunkkv", **shape, kept=kept),
-                            Case("compress", "chunkkv", **shape, kept=kept),
-                            Case("compress", "torch-materialized", **shape, kept=kept),
-                            Case("sparse_decode", "chunkkv", **shape, kept=kept),
-                            Case("sparse_decode", "sdpa-compacted", **shape, kept=kept)]
+                    out += [
+                        Case("gather_chunks", "chunkkv", **shape, kept=kept),
+                        Case("compress", "chunkkv", **shape, kept=kept),
+                        Case("compress", "torch-materialized", **shape, kept=kept),
+                        Case("sparse_decode", "chunkkv", **shape, kept=kept),
+                        Case("sparse_decode", "sdpa-compacted", **shape, kept=kept),
+                    ]
                     if on_cuda:
                         out.append(Case("gather_chunks", "torch-reference", **shape, kept=kept))
                     if (model.name, batch, seq_len) in preset.flex and kept == preset.kept[0]:
                         out.append(Case("sparse_decode", "flex-block-mask", **shape, kept=kept))
                 for kept in preset.reuse_kept:
-                    out += [Case("compress_layers", "chunkkv", **shape, kept=kept, reuse=reuse)
-                            for reuse in preset.reuse]
+                    out += [
+                        Case("compress_layers", "chunkkv", **shape, kept=kept, reuse=reuse)
+                        for reuse in preset.reuse
+                    ]
     out = [case for case in out if case.op in selected_ops]
     goals = list(preset.goal_shapes)
 
@@ -211,13 +239,31 @@ def cases(preset: OpsPreset, device: torch.device, selected_ops) -> list[Case]:
 def describe(case: Case, preset: OpsPreset, path: str) -> dict:
     m = case.model
     return {
-        "id": row_id(suite="ops", op=case.op, impl=case.impl, model=m.name, B=case.batch,
-                     T=case.seq_len, dtype=preset.dtype, kept=case.kept, reuse=case.reuse),
-        "suite": "ops", "op": case.op, "impl": case.impl,
+        "id": row_id(
+            suite="ops",
+            op=case.op,
+            impl=case.impl,
+            model=m.name,
+            B=case.batch,
+            T=case.seq_len,
+            dtype=preset.dtype,
+            kept=case.kept,
+            reuse=case.reuse,
+        ),
+        "suite": "ops",
+        "op": case.op,
+        "impl": case.impl,
         "path": path if case.impl == "chunkkv" else "torch",
-        "model": m.name, "B": case.batch, "T": case.seq_len, "Hq": m.num_q_heads,
-        "Hkv": m.num_kv_heads, "D": m.head_dim, "dtype": preset.dtype,
-        "chunk_size": CHUNK_SIZE, "window": WINDOW, "kept": case.kept,
+        "model": m.name,
+        "B": case.batch,
+        "T": case.seq_len,
+        "Hq": m.num_q_heads,
+        "Hkv": m.num_kv_heads,
+        "D": m.head_dim,
+        "dtype": preset.dtype,
+        "chunk_size": CHUNK_SIZE,
+        "window": WINDOW,
+        "kept": case.kept,
         "kept_len": None if case.kept is None else kept_len(case.seq_len, case.kept),
         "reuse": case.reuse,
         "layers": preset.reuse_layers if case.op == "compress_layers" else None,
@@ -227,16 +273,31 @@ def describe(case: Case, preset: OpsPreset, path: str) -> dict:
 def measure(bench: Bench, case: Case, bandwidth: float) -> dict:
     preset = bench.preset
     floor_op = "sdpa_full" if case.impl == "sdpa-full" else case.op
-    floor = floor_bytes(floor_op, case.model, case.batch, case.seq_len, preset.dtype,
-                        kept=case.kept, reuse=case.reuse, layers=preset.reuse_layers)
+    floor = floor_bytes(
+        floor_op,
+        case.model,
+        case.batch,
+        case.seq_len,
+        preset.dtype,
+        kept=case.kept,
+        reuse=case.reuse,
+        layers=preset.reuse_layers,
+    )
     fn, sets = bench.setup(case)
     with torch.inference_mode():
-        timing = time_ms(fn, sets, bench.device, min_reps=preset.min_reps,
-                         min_time_s=preset.min_time_s)
+        timing = time_ms(
+            fn, sets, bench.device, min_reps=preset.min_reps, min_time_s=preset.min_time_s
+        )
     floor_ms = floor / bandwidth * 1e3
-    return {"status": "ok", "input_sets": len(sets), **timing, "floor_bytes": floor,
-            "floor_ms": floor_ms, "time_over_floor": timing["median_ms"] / floor_ms,
-            "bandwidth_util": floor_ms / timing["median_ms"]}
+    return {
+        "status": "ok",
+        "input_sets": len(sets),
+        **timing,
+        "floor_bytes": floor,
+        "floor_ms": floor_ms,
+        "time_over_floor": timing["median_ms"] / floor_ms,
+        "bandwidth_util": floor_ms / timing["median_ms"],
+    }
 
 
 def format_row(row: dict) -> str:
@@ -248,25 +309,38 @@ def format_row(row: dict) -> str:
     head = f"{row['op']:<16}{row['impl']:<20}{shape:<36}"
     if row["status"] != "ok":
         return f"{head}{row['status']}: {row.get('note', '')}"
-    return (f"{head}{row['median_ms']:10.3f} ms  floor {row['floor_ms']:9.3f} ms "
-            f"({row['floor_bytes'] / 2**20:9.1f} MiB)  x{row['time_over_floor']:7.2f}  "
-            f"util {row['bandwidth_util']:6.1%}")
+    return (
+        f"{head}{row['median_ms']:10.3f} ms  floor {row['floor_ms']:9.3f} ms "
+        f"({row['floor_bytes'] / 2**20:9.1f} MiB)  x{row['time_over_floor']:7.2f}  "
+        f"util {row['bandwidth_util']:6.1%}"
+    )
 
 
-def run(preset: OpsPreset, device: torch.device, out, selected_ops=OPS, time_budget=None,
-        argv=()) -> dict:
+def run(
+    preset: OpsPreset, device: torch.device, out, selected_ops=OPS, time_budget=None, argv=()
+) -> dict:
     bench = Bench(preset, device)
-    bandwidth = copy_bandwidth(device, preset.copy_bytes, min_reps=preset.min_reps,
-                               min_time_s=preset.min_time_s)
-    meta = run_meta(device, "benchmarks.ops", argv, timer_description(device),
-                    suite="ops", preset=preset.name, ops_path=bench.path,
-                    copy_bandwidth_gbps=bandwidth / 1e9,
-                    copy_bandwidth_method=f"tensor.copy_ of {preset.copy_bytes >> 20} MiB, "
-                                          "read + write bytes / median time")
+    bandwidth = copy_bandwidth(
+        device, preset.copy_bytes, min_reps=preset.min_reps, min_time_s=preset.min_time_s
+    )
+    meta = run_meta(
+        device,
+        "benchmarks.ops",
+        argv,
+        timer_description(device),
+        suite="ops",
+        preset=preset.name,
+        ops_path=bench.path,
+        copy_bandwidth_gbps=bandwidth / 1e9,
+        copy_bandwidth_method=f"tensor.copy_ of {preset.copy_bytes >> 20} MiB, "
+        "read + write bytes / median time",
+    )
     writer = ResultsWriter(out, meta)
     print(f"# {meta['device']} | {meta['date']} | commit {meta['commit']} | {meta['command']}")
-    print(f"# ops path: {bench.path}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
-          f"timer: {meta['timer']}")
+    print(
+        f"# ops path: {bench.path}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"timer: {meta['timer']}"
+    )
     start = time.perf_counter()
     for case in cases(preset, device, selected_ops):
         row = describe(case, preset, bench.path)
@@ -276,8 +350,9 @@ def run(preset: OpsPreset, device: torch.device, out, selected_ops=OPS, time_bud
             try:
                 row.update(measure(bench, case, bandwidth))
             except Exception as error:  # noqa: BLE001 - a failed row must not end the sweep
-                row.update(status="oom" if is_out_of_memory(error) else "error",
-                           note=error_note(error))
+                row.update(
+                    status="oom" if is_out_of_memory(error) else "error", note=error_note(error)
+                )
             free_memory(device)
         print(format_row(writer.add(row)), flush=True)
     writer.finish(device, start)
@@ -288,8 +363,9 @@ def main(argv=None) -> None:
     argv = argv_or_sys(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sweep_arguments(parser, OPS_PRESETS, "sweep")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of "
-                        + ", ".join(OPS))
+    parser.add_argument(
+        "--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS)
+    )
     args = parser.parse_args(argv)
     device = pick_device(args.device, args.cpu_threads)
     preset = OPS_PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]

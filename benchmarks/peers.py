@@ -30,7 +30,7 @@ def materialized_window_scores(q_obs, k) -> torch.Tensor:
     Hkv, T = k.shape[1], k.shape[2]
     logits = torch.matmul(q_obs, repeat_kv(k, Hq // Hkv).transpose(2, 3)) * D**-0.5
     future = torch.ones(w, w, dtype=torch.bool, device=k.device).triu(1)
-    logits[..., T - w:].masked_fill_(future, float("-inf"))
+    logits[..., T - w :].masked_fill_(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     return probs.sum(dim=2).view(B, Hkv, Hq // Hkv, T).mean(dim=2)
 

@@ -35,8 +35,11 @@ def provenance(results: dict, rows: list[dict], data_files) -> tuple[str, str]:
     runs = [results["runs"][index] for index in sorted({row["run"] for row in rows})]
     device = runs[0]["device"]
     path = runs[0].get("ops_path")
-    label = f"{device} ({'Triton kernels' if path == 'triton' else 'torch reference path'})" \
-        if path else device
+    label = (
+        f"{device} ({'Triton kernels' if path == 'triton' else 'torch reference path'})"
+        if path
+        else device
+    )
     dates = ", ".join(sorted({run["date"] for run in runs}))
     commits = ", ".join(sorted({run["commit"] for run in runs}))
     commands = "; ".join(dict.fromkeys(run["command"] for run in runs))
@@ -45,8 +48,11 @@ def provenance(results: dict, rows: list[dict], data_files) -> tuple[str, str]:
 
 
 def ok_rows(results, **fields) -> list[dict]:
-    return [row for row in results["rows"] if row["status"] == "ok"
-            and all(row.get(key) == value for key, value in fields.items())]
+    return [
+        row
+        for row in results["rows"]
+        if row["status"] == "ok" and all(row.get(key) == value for key, value in fields.items())
+    ]
 
 
 def ops_focus(results) -> tuple[str | None, float | None, list[int]]:
@@ -101,15 +107,22 @@ def context_axis(ax, ylabel, contexts):
 
 def plot_decode_latency(results, data_files, path):
     model, kept, batches = ops_focus(results)
-    lines = [("sdpa-full", "SDPA, full cache", {}), ("sdpa-compacted", "SDPA, compacted cache",
-                                                      {"kept": kept}),
-             ("chunkkv", "sparse_decode (in place)", {"kept": kept}),
-             ("flex-block-mask", "FlexAttention block mask", {"kept": kept})]
+    lines = [
+        ("sdpa-full", "SDPA, full cache", {}),
+        ("sdpa-compacted", "SDPA, compacted cache", {"kept": kept}),
+        ("chunkkv", "sparse_decode (in place)", {"kept": kept}),
+        ("flex-block-mask", "FlexAttention block mask", {"kept": kept}),
+    ]
     used = ok_rows(results, op="sparse_decode", model=model)
     if not used:
         return None
-    fig, axes = figure(len(batches), f"Decode attention latency, {model}, {kept:.0%} kept",
-                       results, used, data_files)
+    fig, axes = figure(
+        len(batches),
+        f"Decode attention latency, {model}, {kept:.0%} kept",
+        results,
+        used,
+        data_files,
+    )
     for ax, batch in zip(axes, batches):
         for impl, label, extra in lines:
             rows = ok_rows(results, op="sparse_decode", impl=impl, model=model, B=batch, **extra)
@@ -125,16 +138,22 @@ def plot_compress_vs_floor(results, data_files, path):
     used = ok_rows(results, op="compress", model=model, kept=kept)
     if not used:
         return None
-    fig, axes = figure(len(batches), f"compress, one layer, {model}, {kept:.0%} kept", results,
-                       used, data_files)
+    fig, axes = figure(
+        len(batches), f"compress, one layer, {model}, {kept:.0%} kept", results, used, data_files
+    )
     for ax, batch in zip(axes, batches):
         ours = ok_rows(results, op="compress", impl="chunkkv", model=model, B=batch, kept=kept)
-        peer = ok_rows(results, op="compress", impl="torch-materialized", model=model, B=batch,
-                       kept=kept)
+        peer = ok_rows(
+            results, op="compress", impl="torch-materialized", model=model, B=batch, kept=kept
+        )
         if ours:
             ax.plot(*series(ours), marker="o", label="ChunkKV compress")
-            ax.plot(*series(ours, y="floor_ms"), linestyle="--", color="black",
-                    label="floor: bytes / measured copy bandwidth")
+            ax.plot(
+                *series(ours, y="floor_ms"),
+                linestyle="--",
+                color="black",
+                label="floor: bytes / measured copy bandwidth",
+            )
         if peer:
             ax.plot(*series(peer), marker="s", label="torch, materialized window logits")
         ax.set_title(f"B = {batch}", fontsize=9)
@@ -145,12 +164,20 @@ def plot_compress_vs_floor(results, data_files, path):
 def plot_bandwidth_util(results, data_files, path):
     model, kept, batches = ops_focus(results)
     ops = ("window_scores", "chunk_sum", "gather_chunks", "compress", "sparse_decode")
-    used = [row for row in ok_rows(results, impl="chunkkv", model=model)
-            if row["op"] in ops and row["kept"] in (None, kept)]
+    used = [
+        row
+        for row in ok_rows(results, impl="chunkkv", model=model)
+        if row["op"] in ops and row["kept"] in (None, kept)
+    ]
     if not used:
         return None
-    fig, axes = figure(len(batches), f"Memory-bandwidth use (floor time / time), {model}",
-                       results, used, data_files)
+    fig, axes = figure(
+        len(batches),
+        f"Memory-bandwidth use (floor time / time), {model}",
+        results,
+        used,
+        data_files,
+    )
     for ax, batch in zip(axes, batches):
         for op in ops:
             rows = [row for row in used if row["op"] == op and row["B"] == batch]
@@ -167,23 +194,37 @@ def plot_reuse_speedup(results, data_files, path):
     used = ok_rows(results, op="compress_layers", model=model)
     if not used:
         return None
-    fig, axes = figure(len(batches), f"Layer-wise index reuse, {model}, "
-                       f"{used[0]['layers']} layers", results, used, data_files)
+    fig, axes = figure(
+        len(batches),
+        f"Layer-wise index reuse, {model}, {used[0]['layers']} layers",
+        results,
+        used,
+        data_files,
+    )
     for ax, batch in zip(axes, batches):
         for seq_len in sorted({row["T"] for row in used if row["B"] == batch}):
-            rows = {row["reuse"]: row for row in used
-                    if row["B"] == batch and row["T"] == seq_len}
+            rows = {row["reuse"]: row for row in used if row["B"] == batch and row["T"] == seq_len}
             if 1 in rows:
                 reuse = sorted(rows)
-                ax.plot(reuse, [rows[1]["median_ms"] / rows[n]["median_ms"] for n in reuse],
-                        marker="o", label=f"T = {tokens_label(seq_len)}")
+                ax.plot(
+                    reuse,
+                    [rows[1]["median_ms"] / rows[n]["median_ms"] for n in reuse],
+                    marker="o",
+                    label=f"T = {tokens_label(seq_len)}",
+                )
         if 1 in rows:  # the byte floors' ratio: the speed-up of a memory-bound implementation
-            ax.plot(reuse, [rows[1]["floor_bytes"] / rows[n]["floor_bytes"] for n in reuse],
-                    linestyle="--", color="black",
-                    label=f"floor bytes ratio, T = {tokens_label(seq_len)}")
+            ax.plot(
+                reuse,
+                [rows[1]["floor_bytes"] / rows[n]["floor_bytes"] for n in reuse],
+                linestyle="--",
+                color="black",
+                label=f"floor bytes ratio, T = {tokens_label(seq_len)}",
+            )
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({row["reuse"] for row in used}),
-                      [str(n) for n in sorted({row["reuse"] for row in used})])
+        ax.set_xticks(
+            sorted({row["reuse"] for row in used}),
+            [str(n) for n in sorted({row["reuse"] for row in used})],
+        )
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("reuse N (layers sharing one selection)")
         ax.set_ylabel("speed-up over N = 1")
@@ -198,14 +239,24 @@ def plot_e2e_tokens(results, data_files, path):
     if not used:
         return None
     batches = sorted({row["B"] for row in used})
-    fig, axes = figure(len(batches), f"HF generate decode throughput, {used[0]['model']}",
-                       results, used, data_files)
+    fig, axes = figure(
+        len(batches),
+        f"HF generate decode throughput, {used[0]['model']}",
+        results,
+        used,
+        data_files,
+    )
     for ax, batch in zip(axes, batches):
-        configs = sorted({(row["impl"], row["reuse"]) for row in used if row["B"] == batch},
-                         key=lambda c: (c[0] != "hf-full", c[0], c[1] or 0))
+        configs = sorted(
+            {(row["impl"], row["reuse"]) for row in used if row["B"] == batch},
+            key=lambda c: (c[0] != "hf-full", c[0], c[1] or 0),
+        )
         for impl, reuse in configs:
-            rows = [row for row in used if row["B"] == batch and row["impl"] == impl
-                    and row["reuse"] == reuse]
+            rows = [
+                row
+                for row in used
+                if row["B"] == batch and row["impl"] == impl and row["reuse"] == reuse
+            ]
             label = impl if reuse is None else f"{impl}, reuse N={reuse}"
             ax.plot(*series(rows, y="decode_tokens_per_s"), marker="o", label=label)
         ax.set_title(f"B = {batch}", fontsize=9)
@@ -214,9 +265,13 @@ def plot_e2e_tokens(results, data_files, path):
     return finish(fig, path)
 
 
-PLOTS = {"decode_latency": plot_decode_latency, "compress_vs_floor": plot_compress_vs_floor,
-         "bandwidth_util": plot_bandwidth_util, "reuse_speedup": plot_reuse_speedup,
-         "e2e_tokens_per_s": plot_e2e_tokens}
+PLOTS = {
+    "decode_latency": plot_decode_latency,
+    "compress_vs_floor": plot_compress_vs_floor,
+    "bandwidth_util": plot_bandwidth_util,
+    "reuse_speedup": plot_reuse_speedup,
+    "e2e_tokens_per_s": plot_e2e_tokens,
+}
 
 
 def make_plots(data_files, out_dir) -> list[Path]:

@@ -32,6 +32,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def pytest_collection_modifyitems(items):
     """Tests marked ``requires_cuda`` also get the ``gpu`` marker, so ``-m gpu`` selects them."""
     for item in items:
-        if any(mark.name == "skipif" and mark.kwargs.get("reason") == "needs a CUDA device"
-               for mark in item.iter_markers()):
+        if any(
+            mark.name == "skipif" and mark.kwargs.get("reason") == "needs a CUDA device"
+            for mark in item.iter_markers()
+        ):
             item.add_marker(pytest.mark.gpu)

@@ -13,10 +13,14 @@ def test_config_json_round_trip():
     """A config written by the generator launches as the same ``triton.Config``."""
     config = triton.Config({"BLOCK_ROWS": 32, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     stored = json.loads(json.dumps(_runtime.config_to_json(config)))
-    loaded = triton.Config(stored["kwargs"], num_warps=stored["num_warps"],
-                           num_stages=stored["num_stages"])
+    loaded = triton.Config(
+        stored["kwargs"], num_warps=stored["num_warps"], num_stages=stored["num_stages"]
+    )
     assert (loaded.kwargs, loaded.num_warps, loaded.num_stages) == (
-        config.kwargs, config.num_warps, config.num_stages)
+        config.kwargs,
+        config.num_warps,
+        config.num_stages,
+    )
 
 
 def test_key_string_names_every_key():
@@ -30,7 +34,10 @@ def test_merge_keeps_committed_and_adds_tuned():
     committed = {"a": {"K=1": old, "K=2": old}, "b": {"K=1": old}}
     tuned = {"a": {"K=2": new, "K=3": new}, "c": {}}
     assert merge_configs(committed, tuned) == {
-        "a": {"K=1": old, "K=2": new, "K=3": new}, "b": {"K=1": old}, "c": {}}
+        "a": {"K=1": old, "K=2": new, "K=3": new},
+        "b": {"K=1": old},
+        "c": {},
+    }
     assert committed["a"]["K=2"] is old, "the committed dict itself is left alone"
 
 

@@ -38,11 +38,18 @@ def test_ops_rows_are_measured_with_floors(ops_results):
     rows = results["rows"]
     assert {row["status"] for row in rows} == {"ok"}, [r for r in rows if r["status"] != "ok"]
     assert {(row["op"], row["impl"]) for row in rows} == {
-        ("window_scores", "chunkkv"), ("window_scores", "torch-materialized"),
-        ("chunk_sum", "chunkkv"), ("gather_chunks", "chunkkv"), ("compress", "chunkkv"),
-        ("compress", "torch-materialized"), ("compress_layers", "chunkkv"),
-        ("sparse_decode", "chunkkv"), ("sparse_decode", "sdpa-full"),
-        ("sparse_decode", "sdpa-compacted"), ("sparse_decode", "flex-block-mask")}
+        ("window_scores", "chunkkv"),
+        ("window_scores", "torch-materialized"),
+        ("chunk_sum", "chunkkv"),
+        ("gather_chunks", "chunkkv"),
+        ("compress", "chunkkv"),
+        ("compress", "torch-materialized"),
+        ("compress_layers", "chunkkv"),
+        ("sparse_decode", "chunkkv"),
+        ("sparse_decode", "sdpa-full"),
+        ("sparse_decode", "sdpa-compacted"),
+        ("sparse_decode", "flex-block-mask"),
+    }
     assert len({row["id"] for row in rows}) == len(rows)
     bandwidth = meta["copy_bandwidth_gbps"] * 1e9
     for row in rows:
@@ -59,7 +66,8 @@ def test_compress_floor_counts_k_once_and_kept_rows():
     v_read_and_kv_written = 8 * 3 * 3268 * 128 * 2
     chunk_idx = 8 * 323 * 4
     assert floor_bytes("compress", LLAMA3_8B, 1, 32768, "bfloat16", kept=0.1) == (
-        q_obs + k_whole + v_read_and_kv_written + chunk_idx)
+        q_obs + k_whole + v_read_and_kv_written + chunk_idx
+    )
     sparse = floor_bytes("sparse_decode", LLAMA3_8B, 1, 32768, "bfloat16", kept=0.1)
     full = floor_bytes("sdpa_full", LLAMA3_8B, 1, 32768, "bfloat16")
     assert sparse == 2 * 32 * 128 * 2 + 8 * 2 * 3268 * 128 * 2 + chunk_idx
@@ -67,19 +75,23 @@ def test_compress_floor_counts_k_once_and_kept_rows():
 
 
 def test_compare_passes_against_itself_and_fails_when_slowed(ops_results, tmp_path, capsys):
-    assert compare.main([str(ops_results), "--threshold", "0.05",
-                         "--baseline", str(ops_results)]) == 0
+    assert (
+        compare.main([str(ops_results), "--threshold", "0.05", "--baseline", str(ops_results)]) == 0
+    )
     slowed = json.loads(ops_results.read_text())
-    target = next(row for row in slowed["rows"] if row["op"] == "compress"
-                  and row["impl"] == "chunkkv")
+    target = next(
+        row for row in slowed["rows"] if row["op"] == "compress" and row["impl"] == "chunkkv"
+    )
     target["median_ms"] *= 1.5
     slowed_path = tmp_path / "slowed.json"
     slowed_path.write_text(json.dumps(slowed))
-    assert compare.main([str(slowed_path), "--threshold", "0.2",
-                         "--baseline", str(ops_results)]) == 1
+    assert (
+        compare.main([str(slowed_path), "--threshold", "0.2", "--baseline", str(ops_results)]) == 1
+    )
     assert target["id"] in capsys.readouterr().out
-    assert compare.main([str(slowed_path), "--threshold", "0.6",
-                         "--baseline", str(ops_results)]) == 0
+    assert (
+        compare.main([str(slowed_path), "--threshold", "0.6", "--baseline", str(ops_results)]) == 0
+    )
 
 
 def test_compare_rules(ops_results):
@@ -102,10 +114,15 @@ def test_compare_refuses_another_device(ops_results, tmp_path):
     other["runs"][0]["device_slug"] = "NVIDIA_H100_80GB_HBM3"
     other_path = tmp_path / "gpu.json"
     other_path.write_text(json.dumps(other))
-    assert compare.main([str(ops_results), "--threshold", "0.1",
-                         "--baseline", str(other_path)]) == 2
-    assert compare.main([str(ops_results), "--threshold", "0.1",
-                         "--baseline", str(tmp_path / "missing.json")]) == 2
+    assert (
+        compare.main([str(ops_results), "--threshold", "0.1", "--baseline", str(other_path)]) == 2
+    )
+    assert (
+        compare.main(
+            [str(ops_results), "--threshold", "0.1", "--baseline", str(tmp_path / "missing.json")]
+        )
+        == 2
+    )
 
 
 def test_baseline_fold_replaces_measured_rows_only(ops_results, tmp_path):
@@ -141,20 +158,29 @@ def test_goal_table_and_plots(ops_results, tmp_path):
     assert "| compress time / HBM floor | B1 T32K | - | <= 2.0 | missing (not measured) |" in table
     written = plots.make_plots([ops_results], tmp_path)
     assert {path.name for path in written} == {
-        "cpu_decode_latency.png", "cpu_compress_vs_floor.png", "cpu_bandwidth_util.png",
-        "cpu_reuse_speedup.png"}
+        "cpu_decode_latency.png",
+        "cpu_compress_vs_floor.png",
+        "cpu_bandwidth_util.png",
+        "cpu_reuse_speedup.png",
+    }
     assert all(path.stat().st_size > 10_000 for path in written)
 
 
 def test_goals_read_gpu_shaped_rows():
     def ops_row(op, impl, median_ms, batch=1, seq_len=32768, kept=0.1, reuse=None, **extra):
-        return {"id": goals.ops_id(op, impl, batch, seq_len, kept, reuse), "status": "ok",
-                "median_ms": median_ms, **extra}
+        return {
+            "id": goals.ops_id(op, impl, batch, seq_len, kept, reuse),
+            "status": "ok",
+            "median_ms": median_ms,
+            **extra,
+        }
 
-    rows = [ops_row("compress", "chunkkv", 1.0, time_over_floor=1.5),
-            ops_row("compress", "torch-materialized", 30.0),
-            ops_row("compress_layers", "chunkkv", 8.0, reuse=1),
-            ops_row("compress_layers", "chunkkv", 4.0, reuse=4)]
+    rows = [
+        ops_row("compress", "chunkkv", 1.0, time_over_floor=1.5),
+        ops_row("compress", "torch-materialized", 30.0),
+        ops_row("compress_layers", "chunkkv", 8.0, reuse=1),
+        ops_row("compress_layers", "chunkkv", 4.0, reuse=4),
+    ]
     result = {g.name: g for g in goals.evaluate(rows) if g.shape.startswith("B1 T32K")}
     assert result["compress time / HBM floor"].passed is True
     assert result["compress speed-up vs materializing torch"].measured == 30.0

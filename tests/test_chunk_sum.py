@@ -30,8 +30,16 @@ def random_scores(batch, heads, seq_len, dtype=torch.float32, device="cpu"):
 
 # (seq_len, chunk_size, window): T - w with and without a remainder mod c, w = 1 and w = T.
 CASES = [
-    (100, 10, 32), (107, 10, 32), (90, 10, 1), (64, 16, 16), (75, 16, 8), (33, 1, 1),
-    (40, 1, 40), (12, 10, 3), (9, 10, 1), (500, 100, 32),  # c > the kernel's column tile
+    (100, 10, 32),
+    (107, 10, 32),
+    (90, 10, 1),
+    (64, 16, 16),
+    (75, 16, 8),
+    (33, 1, 1),
+    (40, 1, 40),
+    (12, 10, 3),
+    (9, 10, 1),
+    (500, 100, 32),  # c > the kernel's column tile
 ]
 
 
@@ -63,32 +71,40 @@ def test_sums_window_scores():
 
 
 @settings(max_examples=15, deadline=None)
-@given(batch=st.integers(0, 3), heads=st.integers(1, 3), seq_len=st.integers(1, 300),
-       chunk_size=st.integers(1, 80), window_fraction=st.floats(0.0, 1.0))
+@given(
+    batch=st.integers(0, 3),
+    heads=st.integers(1, 3),
+    seq_len=st.integers(1, 300),
+    chunk_size=st.integers(1, 80),
+    window_fraction=st.floats(0.0, 1.0),
+)
 def test_property_random_shapes(batch, heads, seq_len, chunk_size, window_fraction):
     window = 1 + int(window_fraction * (seq_len - 1))
     assert_matches_reference(random_scores(batch, heads, seq_len), chunk_size, window)
 
 
-@pytest.mark.parametrize("args,error,match", [
-    ((torch.rand(2, 30), 10, 4), ValueError, "scores"),
-    ((torch.rand(2, 2, 30).numpy(), 10, 4), TypeError, "scores"),
-    ((torch.randint(0, 5, (2, 2, 30)), 10, 4), TypeError, "scores"),
-    ((torch.rand(2, 2, 30), 0, 4), ValueError, "chunk_size"),
-    ((torch.rand(2, 2, 30), 2.5, 4), TypeError, "chunk_size"),
-    ((torch.rand(2, 2, 30), 10, 0), ValueError, "window"),
-    ((torch.rand(2, 2, 30), 10, 31), ValueError, "window"),
-    ((torch.rand(2, 2, 30), 10, None), TypeError, "window"),
-])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.rand(2, 30), 10, 4), ValueError, "scores"),
+        ((torch.rand(2, 2, 30).numpy(), 10, 4), TypeError, "scores"),
+        ((torch.randint(0, 5, (2, 2, 30)), 10, 4), TypeError, "scores"),
+        ((torch.rand(2, 2, 30), 0, 4), ValueError, "chunk_size"),
+        ((torch.rand(2, 2, 30), 2.5, 4), TypeError, "chunk_size"),
+        ((torch.rand(2, 2, 30), 10, 0), ValueError, "window"),
+        ((torch.rand(2, 2, 30), 10, 31), ValueError, "window"),
+        ((torch.rand(2, 2, 30), 10, None), TypeError, "window"),
+    ],
+)
 def test_rejects_bad_inputs(args, error, match):
     with pytest.raises(error, match=match):
         ops.chunk_sum(*args)
 
 
 @requires_cuda
-@pytest.mark.parametrize("seq_len,chunk_size,window",
-                         CASES + [(32_768, 10, 32), (100_003, 16, 64), (4096, 300, 32)])
+@pytest.mark.parametrize(
+    "seq_len,chunk_size,window", CASES + [(32_768, 10, 32), (100_003, 16, 64), (4096, 300, 32)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_reference_cuda(seq_len, chunk_size, window, dtype):
-    assert_matches_reference(random_scores(3, 8, seq_len, dtype, device="cuda"), chunk_size,
-                             window)
+    assert_matches_reference(random_scores(3, 8, seq_len, dtype, device="cuda"), chunk_size, window)

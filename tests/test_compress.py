@@ -18,8 +18,9 @@ from triton_chunkkv.ops import reference
 compress_module = importlib.import_module("triton_chunkkv.ops.compress")
 
 
-def make_layer(batch, num_kv_heads, group, seq_len, window, head_dim, dtype=torch.float32,
-               device="cpu"):
+def make_layer(
+    batch, num_kv_heads, group, seq_len, window, head_dim, dtype=torch.float32, device="cpu"
+):
     """Random ``(q_obs, k, v)``; the keys are scaled up so the window attention is peaked and
     the chunk scores are far from ties."""
     q_obs = torch.randn(batch, num_kv_heads * group, window, head_dim)
@@ -62,12 +63,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("batch, num_kv_heads, group, seq_len, window, chunk_size, head_dim, "
-                         "dtype, options", CASES,
-                         ids=[f"g{c[2]}-T{c[3]}-w{c[4]}-c{c[5]}-D{c[6]}-{str(c[7])[6:]}"
-                              for c in CASES])
-def test_matches_reference(batch, num_kv_heads, group, seq_len, window, chunk_size, head_dim,
-                           dtype, options):
+@pytest.mark.parametrize(
+    "batch, num_kv_heads, group, seq_len, window, chunk_size, head_dim, dtype, options",
+    CASES,
+    ids=[f"g{c[2]}-T{c[3]}-w{c[4]}-c{c[5]}-D{c[6]}-{str(c[7])[6:]}" for c in CASES],
+)
+def test_matches_reference(
+    batch, num_kv_heads, group, seq_len, window, chunk_size, head_dim, dtype, options
+):
     layer = make_layer(batch, num_kv_heads, group, seq_len, window, head_dim, dtype)
     out = compare(*layer, chunk_size=chunk_size, window=window, **options)
     budget = reference.resolve_budget(seq_len, **options)
@@ -84,8 +87,11 @@ def test_budget_regimes(budget):
     assert torch.equal(out.keys[:, :, -40:], k[:, :, 30:])
 
 
-@pytest.mark.parametrize("options", [dict(budget=70), dict(budget=10**6), dict(ratio=1.0)],
-                         ids=["budget=T", "budget>T", "ratio=1"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(budget=70), dict(budget=10**6), dict(ratio=1.0)],
+    ids=["budget=T", "budget>T", "ratio=1"],
+)
 def test_identity_when_budget_covers_prompt(options):
     q_obs, k, v = make_layer(2, 2, 2, 70, 8, 64)
     out = ops.compress(q_obs, k, v, chunk_size=10, window=8, **options)
@@ -94,8 +100,9 @@ def test_identity_when_budget_covers_prompt(options):
     assert torch.equal(out.chunk_idx, torch.arange(6, dtype=torch.int32).expand(2, 2, 6))
 
 
-@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 64), (torch.float16, 80),
-                                             (torch.bfloat16, 64)], ids=str)
+@pytest.mark.parametrize(
+    "dtype, head_dim", [(torch.float32, 64), (torch.float16, 80), (torch.bfloat16, 64)], ids=str
+)
 def test_left_padding_batch(dtype, head_dim):
     B, T, window = 3, 66, 8
     q_obs, k, v = make_layer(B, 1, 2, T, window, head_dim, dtype)
@@ -107,8 +114,16 @@ def test_left_padding_batch(dtype, head_dim):
 @pytest.mark.parametrize("share_heads, pool_kernel", [(True, 1), (False, 3), (True, 3)])
 def test_share_heads_and_pooling(share_heads, pool_kernel):
     q_obs, k, v = make_layer(1, 3, 2, 75, 8, 64)
-    out = compare(q_obs, k, v, budget=40, chunk_size=10, window=8, share_heads=share_heads,
-                  pool_kernel=pool_kernel)
+    out = compare(
+        q_obs,
+        k,
+        v,
+        budget=40,
+        chunk_size=10,
+        window=8,
+        share_heads=share_heads,
+        pool_kernel=pool_kernel,
+    )
     if share_heads:
         assert torch.equal(out.chunk_idx, out.chunk_idx[:, :1].expand_as(out.chunk_idx))
 
@@ -120,7 +135,9 @@ def test_scores_match_reference():
     torch.testing.assert_close(
         ops.window_scores(q_obs, k, key_mask=key_mask, pool_kernel=3),
         reference.window_scores(q_obs, k, key_mask=key_mask, pool_kernel=3),
-        rtol=1e-3, atol=1e-6)
+        rtol=1e-3,
+        atol=1e-6,
+    )
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -131,9 +148,14 @@ def test_random_shapes(data):
     window = draw(st.integers(1, seq_len), label="window")
     chunk_size = draw(st.integers(1, 12), label="chunk_size")
     budget = draw(st.integers(0, seq_len + 2), label="budget")
-    layer = make_layer(draw(st.integers(1, 2), label="B"), draw(st.integers(1, 2), label="Hkv"),
-                       draw(st.integers(1, 3), label="g"), seq_len, window,
-                       draw(st.sampled_from([16, 80]), label="D"))
+    layer = make_layer(
+        draw(st.integers(1, 2), label="B"),
+        draw(st.integers(1, 2), label="Hkv"),
+        draw(st.integers(1, 3), label="g"),
+        seq_len,
+        window,
+        draw(st.sampled_from([16, 80]), label="D"),
+    )
     out = compare(*layer, budget=budget, chunk_size=chunk_size, window=window)
     num_chunks = out.tail_start // chunk_size
     if budget >= seq_len:
@@ -192,8 +214,15 @@ def test_layer_reuse_identity(scoring_calls):
 def good_layer():
     """B=2, Hkv=2, g=2, T=50, w=8, D=64, float32, with a key mask."""
     q_obs, k, v = make_layer(2, 2, 2, 50, 8, 64)
-    return dict(q_obs=q_obs, k=k, v=v, key_mask=torch.ones(2, 50, dtype=torch.bool),
-                budget=30, chunk_size=10, window=8)
+    return dict(
+        q_obs=q_obs,
+        k=k,
+        v=v,
+        key_mask=torch.ones(2, 50, dtype=torch.bool),
+        budget=30,
+        chunk_size=10,
+        window=8,
+    )
 
 
 # (what is wrong, the change to good arguments, the error, a regex naming the argument)
@@ -206,15 +235,18 @@ BAD_ARGUMENTS = [
     ("ratio > 1", lambda a: dict(budget=None, ratio=1.5), ValueError, "ratio"),
     ("chunk size 0", lambda a: dict(chunk_size=0), ValueError, "chunk_size"),
     ("window 0", lambda a: dict(window=0), ValueError, "window"),
-    ("window > T", lambda a: dict(window=51, q_obs=a["q_obs"][:, :, :1].expand(-1, -1, 51, -1)),
-     ValueError, "window"),
+    (
+        "window > T",
+        lambda a: dict(window=51, q_obs=a["q_obs"][:, :, :1].expand(-1, -1, 51, -1)),
+        ValueError,
+        "window",
+    ),
     ("q_obs window", lambda a: dict(window=4), ValueError, "q_obs"),
     ("q_obs rank", lambda a: dict(q_obs=a["q_obs"][0]), ValueError, "q_obs"),
     ("k rank", lambda a: dict(k=a["k"][0]), ValueError, "k must have 4"),
     ("v rank", lambda a: dict(v=a["v"][0]), ValueError, "v must have 4"),
     ("q_obs batch", lambda a: dict(q_obs=a["q_obs"][:1]), ValueError, "q_obs.*batch"),
-    ("q_obs head dim", lambda a: dict(q_obs=a["q_obs"][..., :32]), ValueError,
-     "q_obs.*head dim"),
+    ("q_obs head dim", lambda a: dict(q_obs=a["q_obs"][..., :32]), ValueError, "q_obs.*head dim"),
     ("GQA", lambda a: dict(q_obs=a["q_obs"][:, :3]), ValueError, "q_obs has 3 heads"),
     ("v heads", lambda a: dict(v=a["v"][:, :1]), ValueError, "v must have k's shape"),
     ("v length", lambda a: dict(v=a["v"][:, :, :40]), ValueError, "v must have k's shape"),
@@ -223,23 +255,32 @@ BAD_ARGUMENTS = [
     ("integer q_obs", lambda a: dict(q_obs=a["q_obs"].long()), TypeError, "q_obs"),
     ("k device", lambda a: dict(k=a["k"].to("meta")), ValueError, "device.*k=meta"),
     ("v device", lambda a: dict(v=a["v"].to("meta")), ValueError, "device.*v=meta"),
-    ("key_mask device", lambda a: dict(key_mask=a["key_mask"].to("meta")), ValueError,
-     "device.*key_mask=meta"),
-    ("key_mask shape", lambda a: dict(key_mask=a["key_mask"][:, :40]), ValueError,
-     "key_mask"),
+    (
+        "key_mask device",
+        lambda a: dict(key_mask=a["key_mask"].to("meta")),
+        ValueError,
+        "device.*key_mask=meta",
+    ),
+    ("key_mask shape", lambda a: dict(key_mask=a["key_mask"][:, :40]), ValueError, "key_mask"),
     ("key_mask dtype", lambda a: dict(key_mask=a["key_mask"].float()), TypeError, "key_mask"),
     ("even pool kernel", lambda a: dict(pool_kernel=2), ValueError, "pool_kernel"),
     ("scaling type", lambda a: dict(scaling="0.1"), TypeError, "scaling"),
 ]
 
 
-@pytest.mark.parametrize("change, error, match", [case[1:] for case in BAD_ARGUMENTS],
-                         ids=[case[0] for case in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [case[1:] for case in BAD_ARGUMENTS],
+    ids=[case[0] for case in BAD_ARGUMENTS],
+)
 def test_rejects_bad_arguments(change, error, match):
     arguments = good_layer()
     arguments.update(change(arguments))
-    before = {name: t.clone() for name, t in arguments.items()
-              if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    before = {
+        name: t.clone()
+        for name, t in arguments.items()
+        if isinstance(t, torch.Tensor) and t.device.type != "meta"
+    }
     with pytest.raises(error, match=match):
         ops.compress(**arguments)
     for name, t in before.items():
@@ -254,20 +295,38 @@ def replace_layer(layers, index, **tensors):
 
 # (what is wrong, the change to two good layers, compress_layers options, error, regex)
 BAD_LAYERS = [
-    ("reuse_layers 0", lambda layers: layers, dict(reuse_layers=0), ValueError,
-     "reuse_layers"),
-    ("layer shapes", lambda layers: replace_layer(layers, 1, k=layers[1][1][:, :, :40],
-                                                  v=layers[1][2][:, :, :40]),
-     {}, ValueError, r"layers\[1\]"),
-    ("layer dtype", lambda layers: replace_layer(layers, 1, v=layers[1][2].half()), {},
-     ValueError, "dtype.*v=torch.float16"),
-    ("leader without queries", lambda layers: replace_layer(layers, 0, q_obs=None),
-     dict(reuse_layers=2), TypeError, "q_obs"),
+    ("reuse_layers 0", lambda layers: layers, dict(reuse_layers=0), ValueError, "reuse_layers"),
+    (
+        "layer shapes",
+        lambda layers: replace_layer(
+            layers, 1, k=layers[1][1][:, :, :40], v=layers[1][2][:, :, :40]
+        ),
+        {},
+        ValueError,
+        r"layers\[1\]",
+    ),
+    (
+        "layer dtype",
+        lambda layers: replace_layer(layers, 1, v=layers[1][2].half()),
+        {},
+        ValueError,
+        "dtype.*v=torch.float16",
+    ),
+    (
+        "leader without queries",
+        lambda layers: replace_layer(layers, 0, q_obs=None),
+        dict(reuse_layers=2),
+        TypeError,
+        "q_obs",
+    ),
 ]
 
 
-@pytest.mark.parametrize("change, options, error, match", [case[1:] for case in BAD_LAYERS],
-                         ids=[case[0] for case in BAD_LAYERS])
+@pytest.mark.parametrize(
+    "change, options, error, match",
+    [case[1:] for case in BAD_LAYERS],
+    ids=[case[0] for case in BAD_LAYERS],
+)
 def test_compress_layers_rejects_bad_arguments(change, options, error, match, scoring_calls):
     layers = change([make_layer(1, 2, 2, 50, 8, 64) for _ in range(2)])
     with pytest.raises(error, match=match):
@@ -277,19 +336,28 @@ def test_compress_layers_rejects_bad_arguments(change, options, error, match, sc
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("group, num_kv_heads, head_dim", [(4, 8, 128), (7, 4, 128), (3, 2, 80)],
-                         ids=["llama3-8b", "qwen2-7b", "gqa3-D80"])
+@pytest.mark.parametrize(
+    "group, num_kv_heads, head_dim",
+    [(4, 8, 128), (7, 4, 128), (3, 2, 80)],
+    ids=["llama3-8b", "qwen2-7b", "gqa3-D80"],
+)
 def test_matches_reference_on_gpu(group, num_kv_heads, head_dim, dtype):
     B, T, window = 3, 3001, 32
     q_obs, k, v = make_layer(B, num_kv_heads, group, T, window, head_dim, dtype, "cuda")
-    key_mask = torch.arange(T, device="cuda")[None, :] >= torch.tensor([[0], [17], [900]],
-                                                                       device="cuda")
-    for options in (dict(ratio=0.1), dict(budget=700, key_mask=key_mask),
-                    dict(budget=300, share_heads=True, pool_kernel=3)):
+    key_mask = torch.arange(T, device="cuda")[None, :] >= torch.tensor(
+        [[0], [17], [900]], device="cuda"
+    )
+    for options in (
+        dict(ratio=0.1),
+        dict(budget=700, key_mask=key_mask),
+        dict(budget=300, share_heads=True, pool_kernel=3),
+    ):
         compare(q_obs, k, v, chunk_size=10, window=window, **options)
-    layers = [make_layer(B, num_kv_heads, group, T, window, head_dim, dtype, "cuda")
-              for _ in range(4)]
+    layers = [
+        make_layer(B, num_kv_heads, group, T, window, head_dim, dtype, "cuda") for _ in range(4)
+    ]
     out = ops.compress_layers(layers, reuse_layers=2, ratio=0.2, window=window)
-    for got, ref in zip(out, reference.compress_layers(layers, reuse_layers=2, ratio=0.2,
-                                                       window=window)):
+    for got, ref in zip(
+        out, reference.compress_layers(layers, reuse_layers=2, ratio=0.2, window=window)
+    ):
         assert_same_compressed(got, ref)

@@ -47,8 +47,9 @@ def test_examples_are_deterministic_per_seed(tokenizer):
 
 
 def test_the_answer_is_in_the_prompt(tokenizer):
-    for example in build_examples(tokenizer, TASKS, lengths=[400], depths=[0.0, 0.5, 1.0],
-                                  per_cell=3, seed=0):
+    for example in build_examples(
+        tokenizer, TASKS, lengths=[400], depths=[0.0, 0.5, 1.0], per_cell=3, seed=0
+    ):
         prompt = render_prompt(example, tokenizer)
         if example.task == "arithmetic":  # the answer follows from the question's numbers
             a, b, c = [int(n) for n in re.findall(r"\d+", example.question)]
@@ -60,28 +61,37 @@ def test_the_answer_is_in_the_prompt(tokenizer):
 
 @pytest.mark.parametrize("length", [600, 1200])
 def test_prompts_come_close_to_the_requested_length(tokenizer, length):
-    for example in build_examples(tokenizer, ["passkey", "multikey"], lengths=[length],
-                                  depths=[0.5], per_cell=2, seed=0):
+    for example in build_examples(
+        tokenizer, ["passkey", "multikey"], lengths=[length], depths=[0.5], per_cell=2, seed=0
+    ):
         # Off by at most one filler sentence (under 100 bytes).
         assert abs(len(prompt_ids(example, tokenizer)) - length) < 100
 
 
 def test_needle_depth_places_the_fact(tokenizer):
-    start, end = build_examples(tokenizer, ["passkey"], lengths=[800], depths=[0.0, 1.0],
-                                per_cell=1, seed=0)
+    start, end = build_examples(
+        tokenizer, ["passkey"], lengths=[800], depths=[0.0, 1.0], per_cell=1, seed=0
+    )
     assert start.context.index(start.answer) < len(start.context) * 0.2
     assert end.context.index(end.answer) > len(end.context) * 0.8
 
 
-@pytest.mark.parametrize("scoring,text,correct", [
-    ("first_number", " 12345.", True), ("first_number", " 1234 12345", False),
-    ("first_number", " the key", False), ("candidate", " teacher who lives in Oslo.", True),
-    ("candidate", " teacher in Lima, not Oslo", False), ("candidate", " lives in oslo", True),
-    ("answer_is", " 3 * 4 = 12. The answer is 12345.", True),
-])
+@pytest.mark.parametrize(
+    "scoring,text,correct",
+    [
+        ("first_number", " 12345.", True),
+        ("first_number", " 1234 12345", False),
+        ("first_number", " the key", False),
+        ("candidate", " teacher who lives in Oslo.", True),
+        ("candidate", " teacher in Lima, not Oslo", False),
+        ("candidate", " lives in oslo", True),
+        ("answer_is", " 3 * 4 = 12. The answer is 12345.", True),
+    ],
+)
 def test_scoring(tokenizer, scoring, text, correct):
-    example = build_examples(tokenizer, ["passkey"], lengths=[200], depths=[0.5], per_cell=1,
-                             seed=0)[0]
+    example = build_examples(
+        tokenizer, ["passkey"], lengths=[200], depths=[0.5], per_cell=1, seed=0
+    )[0]
     answer = "Oslo" if scoring == "candidate" else "12345"
     example = replace(example, scoring=scoring, answer=answer, candidates=("Oslo", "Lima"))
     assert is_correct(example, text) is correct
@@ -89,7 +99,8 @@ def test_scoring(tokenizer, scoring, text, correct):
 
 def test_methods_parse_options():
     assert parse_method("chunkkv:window=16,sink_tokens=4,layer_budgets=pyramid") == Method(
-        "chunkkv", (("window", 16), ("sink_tokens", 4), ("layer_budgets", "pyramid")))
+        "chunkkv", (("window", 16), ("sink_tokens", 4), ("layer_budgets", "pyramid"))
+    )
     assert parse_method("snapkv:pool_kernel=1").label == "snapkv:pool_kernel=1"
     with pytest.raises(ValueError, match="policy must be one of"):
         parse_method("quest")
@@ -103,14 +114,20 @@ def test_methods_parse_options():
 
 
 def passkey_ids(tokenizer, length=160):
-    example = build_examples(tokenizer, ["passkey"], lengths=[length], depths=[0.5],
-                             per_cell=1, seed=0)[0]
+    example = build_examples(
+        tokenizer, ["passkey"], lengths=[length], depths=[0.5], per_cell=1, seed=0
+    )[0]
     return torch.tensor([prompt_ids(example, tokenizer, chat=False)])
 
 
-POLICY_SPECS = [f"chunkkv:chunk_size={CHUNK},window={WINDOW}", f"snapkv:window={WINDOW}",
-                f"pyramidkv:window={WINDOW}", "streamingllm", f"chunkkv_phrase:window={WINDOW}",
-                f"chunkkv:chunk_size={CHUNK},window={WINDOW},sink_tokens=4,layer_budgets=pyramid"]
+POLICY_SPECS = [
+    f"chunkkv:chunk_size={CHUNK},window={WINDOW}",
+    f"snapkv:window={WINDOW}",
+    f"pyramidkv:window={WINDOW}",
+    "streamingllm",
+    f"chunkkv_phrase:window={WINDOW}",
+    f"chunkkv:chunk_size={CHUNK},window={WINDOW},sink_tokens=4,layer_budgets=pyramid",
+]
 
 
 @pytest.mark.parametrize("spec", POLICY_SPECS)
@@ -120,27 +137,33 @@ def test_engine_decodes_what_the_hf_adapter_generates(tiny, spec, one_thread):
     method = parse_method(spec)
     budget = input_ids.shape[1] // 4
     stop_ids = stop_token_ids(model, tokenizer)
-    with chunkkv(model, budget=budget, policy=method.policy(tokenizer)) as state, \
-            torch.no_grad():
+    with chunkkv(model, budget=budget, policy=method.policy(tokenizer)) as state, torch.no_grad():
         state.policy.on_prompt(input_ids)
-        expected = model.generate(input_ids, max_new_tokens=6, do_sample=False,
-                                  eos_token_id=sorted(stop_ids), pad_token_id=0)
+        expected = model.generate(
+            input_ids,
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=0,
+        )
     pre = engine.prefill(model, input_ids)
     selections = engine.select_layers(pre, method.policy(tokenizer), [budget])[0]
     for ours, theirs in zip(selections, state.selections, strict=True):
         assert torch.equal(ours.chunk_idx, theirs.chunk_idx)
         assert ours.tail_start == theirs.tail_start
     full = engine.compact(pre, [None] * pre.num_layers)
-    tokens = engine.greedy_decode(model, pre, [full, engine.compact(pre, selections)], 6,
-                                  stop_ids)
-    assert tokens[1] == expected[0, input_ids.shape[1]:].tolist()
+    tokens = engine.greedy_decode(model, pre, [full, engine.compact(pre, selections)], 6, stop_ids)
+    assert tokens[1] == expected[0, input_ids.shape[1] :].tolist()
 
 
 def test_batched_decode_equals_one_at_a_time(tiny, one_thread):
     model, tokenizer = tiny
     pre = engine.prefill(model, passkey_ids(tokenizer))
-    caches = [engine.compact(pre, selections) for c in (CHUNK, 1) for selections in
-              engine.select_layers(pre, ChunkKV(chunk_size=c, window=WINDOW), [40, 80])]
+    caches = [
+        engine.compact(pre, selections)
+        for c in (CHUNK, 1)
+        for selections in engine.select_layers(pre, ChunkKV(chunk_size=c, window=WINDOW), [40, 80])
+    ]
     together = engine.greedy_decode(model, pre, caches, 8)
     assert together == [engine.greedy_decode(model, pre, [cache], 8)[0] for cache in caches]
     stop = together[0][2]
@@ -154,7 +177,8 @@ def test_fidelity_of_the_full_cache_is_perfect(tiny, one_thread):
     selections = engine.select_layers(pre, ChunkKV(chunk_size=CHUNK, window=WINDOW), [40])[0]
     continuation = engine.greedy_decode(model, pre, [full], 5)[0]
     full_trace, same, compressed = engine.trace(
-        model, pre, [full, full, engine.compact(pre, selections)], continuation)
+        model, pre, [full, full, engine.compact(pre, selections)], continuation
+    )
     perfect = layer_fidelity(full_trace, same, [None] * pre.num_layers, pre.seq_len)
     assert max(perfect["attn_output_l1"] + perfect["kv_l1"]) < 1e-5
     assert min(perfect["attn_cosine"]) > 1 - 1e-5
@@ -169,8 +193,11 @@ def test_adjacent_jaccard():
     idx = torch.tensor([[[0, 1], [2, 3]]], dtype=torch.int32)
     same = Selection(idx, 2, 10)
     shifted = Selection(idx + 1, 2, 10)  # tokens {2, 3}: half of {0..3} in head 0
-    assert adjacent_jaccard([same, same, shifted, None], 12) == [1.0, pytest.approx(
-        (1 / 3 + 1 / 3) / 2), None]
+    assert adjacent_jaccard([same, same, shifted, None], 12) == [
+        1.0,
+        pytest.approx((1 / 3 + 1 / 3) / 2),
+        None,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,12 +208,38 @@ def test_adjacent_jaccard():
 def cli_args(out, *extra):
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers())
-    return parser.parse_args([
-        "eval", "--out", str(out), "--model", "tiny-random", "--tasks", "passkey", "multidoc",
-        "--lengths", "200", "--depths", "0", "1", "--per-cell", "1", "--ratios", "0.2", "0.3",
-        "--methods", "fullkv", "streamingllm", "h2o:recent=8", "snapkv:window=8",
-        "pyramidkv:window=8", "chunkkv:window=8,chunk_size=4", "chunkkv_phrase:window=8",
-        "--no-progress", *extra])
+    return parser.parse_args(
+        [
+            "eval",
+            "--out",
+            str(out),
+            "--model",
+            "tiny-random",
+            "--tasks",
+            "passkey",
+            "multidoc",
+            "--lengths",
+            "200",
+            "--depths",
+            "0",
+            "1",
+            "--per-cell",
+            "1",
+            "--ratios",
+            "0.2",
+            "0.3",
+            "--methods",
+            "fullkv",
+            "streamingllm",
+            "h2o:recent=8",
+            "snapkv:window=8",
+            "pyramidkv:window=8",
+            "chunkkv:window=8,chunk_size=4",
+            "chunkkv_phrase:window=8",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_tiny_model_runs_the_whole_pipeline(tmp_path, monkeypatch, one_thread):
@@ -211,9 +264,11 @@ def test_tiny_model_runs_the_whole_pipeline(tmp_path, monkeypatch, one_thread):
         assert len(record["attn_cosine"]) == 4 and len(record["adjacent_jaccard"]) == 3
     report = (out / "report.md").read_text()
     assert "| `chunkkv:window=8,chunk_size=4` |" in report and "## Fidelity" in report
-    assert {p.name for p in out.glob("*.png")} >= {"accuracy_vs_budget.png",
-                                                   "passkey_heatmap_20.png",
-                                                   "fidelity_layers_30.png"}
+    assert {p.name for p in out.glob("*.png")} >= {
+        "accuracy_vs_budget.png",
+        "passkey_heatmap_20.png",
+        "fidelity_layers_30.png",
+    }
 
     # Resuming adds nothing; another seed in the same folder is refused.
     cli.run(cli_args(out))

@@ -80,6 +80,7 @@ def test_nothing_kept():
 
 def test_runs_the_kernel(monkeypatch):
     """Under ``TRITON_INTERPRET=1`` the Triton path runs, not the reference."""
+
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran instead of the kernel")
 
@@ -91,8 +92,12 @@ def test_runs_the_kernel(monkeypatch):
 
 # (what is wrong, the change to good arguments, the error, a regex naming the argument)
 BAD_ARGUMENTS = [
-    ("index past the chunks", lambda a: dict(chunk_idx=a["chunk_idx"] + 4), ValueError,
-     "chunk_idx"),
+    (
+        "index past the chunks",
+        lambda a: dict(chunk_idx=a["chunk_idx"] + 4),
+        ValueError,
+        "chunk_idx",
+    ),
     ("negative index", lambda a: dict(chunk_idx=a["chunk_idx"] - 2), ValueError, "chunk_idx"),
     ("index batch", lambda a: dict(chunk_idx=a["chunk_idx"][:1]), ValueError, "chunk_idx"),
     ("index rank", lambda a: dict(chunk_idx=a["chunk_idx"][..., 0]), ValueError, "chunk_idx"),
@@ -104,18 +109,19 @@ BAD_ARGUMENTS = [
     ("v head dim", lambda a: dict(v=a["v"][..., :32]), ValueError, "v must have k's shape"),
     ("v dtype", lambda a: dict(v=a["v"].half()), ValueError, "dtype.*v=torch.float16"),
     ("k rank", lambda a: dict(k=a["k"][0]), ValueError, "k must have 4 dimensions"),
-    ("integer k", lambda a: dict(k=a["k"].long(), v=a["v"].long()), TypeError,
-     "k must have dtype"),
+    ("integer k", lambda a: dict(k=a["k"].long(), v=a["v"].long()), TypeError, "k must have dtype"),
     ("v device", lambda a: dict(v=a["v"].to("meta")), ValueError, "device.*v=meta"),
 ]
 
 
-@pytest.mark.parametrize("change, error, match", [case[1:] for case in BAD_ARGUMENTS],
-                         ids=[case[0] for case in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [case[1:] for case in BAD_ARGUMENTS],
+    ids=[case[0] for case in BAD_ARGUMENTS],
+)
 def test_rejects_bad_arguments(change, error, match):
     k, v = make_kv(2, 2, 45, 64, torch.float32)
-    arguments = dict(k=k, v=v, chunk_idx=random_chunks(2, 2, 4, 2), chunk_size=10,
-                     tail_start=40)
+    arguments = dict(k=k, v=v, chunk_idx=random_chunks(2, 2, 4, 2), chunk_size=10, tail_start=40)
     with pytest.raises(error, match=match):
         ops.gather_chunks(**{**arguments, **change(arguments)})
 

@@ -30,8 +30,11 @@ from triton_chunkkv.ops import reference
 from triton_chunkkv.policies import ChunkKV, Policy, Selection
 
 WINDOW, CHUNK = 8, 4
-FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-            "mistral": (MistralConfig, MistralForCausalLM)}
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,10 +42,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_model(family="llama", num_layers=2, dtype=torch.float32, **overrides):
     config_cls, model_cls = FAMILIES[family]
-    config = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=num_layers, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                        initializer_range=0.1, **overrides)
+    config = config_cls(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        **overrides,
+    )
     torch.manual_seed(0)
     return model_cls(config).to(dtype).eval()
 
@@ -53,9 +64,10 @@ def prompt(length, seed=1, batch=1):
 
 def greedy(model, input_ids, new_tokens=6, **kwargs):
     with torch.no_grad():
-        out = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0, **kwargs)
-    return out[:, input_ids.shape[1]:]
+        out = model.generate(
+            input_ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs
+        )
+    return out[:, input_ids.shape[1] :]
 
 
 def capture_prefill(model, input_ids):
@@ -71,8 +83,9 @@ def capture_prefill(model, input_ids):
     model.set_attn_implementation("capture_qkv")
     try:
         with torch.no_grad():
-            model(input_ids, **cache_kwargs(model, DynamicCache(config=model.config)),
-                  use_cache=True)
+            model(
+                input_ids, **cache_kwargs(model, DynamicCache(config=model.config)), use_cache=True
+            )
     finally:
         model.set_attn_implementation(previous)
     return [captured[layer] for layer in range(len(captured))]
@@ -113,8 +126,15 @@ def test_evicted_cache_is_ops_compress_of_the_prefill(family):
     kept = spec_kept_length(203, 20)
     assert kept < 203
     for layer, (query, key, value) in enumerate(layers):
-        expected = ops.compress(query[:, :, -WINDOW:], key, value, ratio=0.1, chunk_size=CHUNK,
-                                window=WINDOW, scaling=model.config.head_dim**-0.5)
+        expected = ops.compress(
+            query[:, :, -WINDOW:],
+            key,
+            value,
+            ratio=0.1,
+            chunk_size=CHUNK,
+            window=WINDOW,
+            scaling=model.config.head_dim**-0.5,
+        )
         stored = cache.layers[layer]
         assert isinstance(stored, CompressedLayer)
         assert stored.keys.shape[2] == kept
@@ -147,8 +167,13 @@ def test_generate_at_ratio_0_2_keeps_spec_lengths_in_both_modes():
     for mode in ("evict", "sparse"):
         with chunkkv(model, ratio=0.2, chunk_size=CHUNK, window=WINDOW, mode=mode) as state:
             with torch.no_grad():
-                out = model.generate(input_ids, max_new_tokens=5, do_sample=False,
-                                     pad_token_id=0, return_dict_in_generate=True)
+                out = model.generate(
+                    input_ids,
+                    max_new_tokens=5,
+                    do_sample=False,
+                    pad_token_id=0,
+                    return_dict_in_generate=True,
+                )
         kept = spec_kept_length(180, 36)
         assert state.prefills == 1
         assert state.kept_lengths == [[kept], [kept]]
@@ -194,8 +219,9 @@ def test_attention_function_takes_sdpa_arguments_positionally():
     ``dropout`` and ``scaling`` positionally, in ``sdpa_attention_forward``'s order."""
     registered = ALL_ATTENTION_FUNCTIONS[ATTENTION_NAME]
 
-    def positional_wrapper(module, query, key, value, attention_mask, dropout=0.0,
-                           scaling=None, **kwargs):
+    def positional_wrapper(
+        module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+    ):
         return registered(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     model = tiny_model()
@@ -237,8 +263,15 @@ def test_half_precision_cache_is_ops_compress():
     cache = DynamicCache(config=model.config)
     with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW), torch.no_grad():
         model(input_ids, **cache_kwargs(model, cache), use_cache=True)
-    expected = ops.compress(query[:, :, -WINDOW:], key, value, budget=40, chunk_size=CHUNK,
-                            window=WINDOW, scaling=16**-0.5)
+    expected = ops.compress(
+        query[:, :, -WINDOW:],
+        key,
+        value,
+        budget=40,
+        chunk_size=CHUNK,
+        window=WINDOW,
+        scaling=16**-0.5,
+    )
     assert cache.layers[1].keys.dtype == torch.bfloat16
     assert torch.equal(cache.layers[1].keys, expected.keys)
 
@@ -290,7 +323,7 @@ def test_left_padded_batch_rows_equal_rows_alone(mode):
     input_ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0)) for r in rows])
     attention_mask = (input_ids != 0).long()
     for row, n in enumerate(lengths):
-        attention_mask[row, :width - n] = 0
+        attention_mask[row, : width - n] = 0
     policy = RecordingChunkKV(chunk_size=CHUNK, window=WINDOW)
     with chunkkv(model, ratio=0.15, mode=mode, policy=policy) as state:
         batch = greedy(model, input_ids, new_tokens=6, attention_mask=attention_mask)
@@ -302,10 +335,11 @@ def test_left_padded_batch_rows_equal_rows_alone(mode):
     options = dict(ratio=0.15, chunk_size=CHUNK, window=WINDOW, mode=mode)
     for row, ids in enumerate(rows):
         with chunkkv(model, **options) as alone:
-            assert torch.equal(batch[row:row + 1], greedy(model, ids, new_tokens=6))
+            assert torch.equal(batch[row : row + 1], greedy(model, ids, new_tokens=6))
         for layer in range(2):
-            assert torch.equal(state.row_selection(layer, row).chunk_idx,
-                               alone.row_selection(layer, 0).chunk_idx)
+            assert torch.equal(
+                state.row_selection(layer, row).chunk_idx, alone.row_selection(layer, 0).chunk_idx
+            )
             assert state.kept_lengths[layer][row] == alone.kept_lengths[layer][0]
 
 
@@ -323,8 +357,7 @@ class RecentChunks(Policy):
         n_keep = max(budget - (T - tail_start), 0) // self.chunk_size
         first = tail_start // self.chunk_size - n_keep
         chunk_idx = torch.arange(first, first + n_keep, dtype=torch.int32)
-        return Selection(chunk_idx.expand(B, Hkv, n_keep).contiguous(), self.chunk_size,
-                         tail_start)
+        return Selection(chunk_idx.expand(B, Hkv, n_keep).contiguous(), self.chunk_size, tail_start)
 
 
 @pytest.mark.parametrize("mode", ["evict", "sparse"])
@@ -351,17 +384,20 @@ def hooks_of(model):
     return sum(len(m._forward_pre_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("options, error, match", [
-    (dict(budget=10, ratio=0.1), ValueError, "exactly one of budget and ratio"),
-    (dict(), ValueError, "exactly one of budget and ratio"),
-    (dict(ratio=1.5), ValueError, "ratio"),
-    (dict(budget=10, mode="dense"), ValueError, "mode"),
-    (dict(budget=10, reuse_layers=0), ValueError, "reuse_layers"),
-    (dict(budget=10, chunk_size=0), ValueError, "chunk_size"),
-    (dict(budget=10, pool_kernel=2), ValueError, "pool_kernel"),
-    (dict(budget=10, policy=ChunkKV(), window=16), ValueError, "window"),
-    (dict(budget=10, policy="chunkkv"), TypeError, "policy"),
-])
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(budget=10, ratio=0.1), ValueError, "exactly one of budget and ratio"),
+        (dict(), ValueError, "exactly one of budget and ratio"),
+        (dict(ratio=1.5), ValueError, "ratio"),
+        (dict(budget=10, mode="dense"), ValueError, "mode"),
+        (dict(budget=10, reuse_layers=0), ValueError, "reuse_layers"),
+        (dict(budget=10, chunk_size=0), ValueError, "chunk_size"),
+        (dict(budget=10, pool_kernel=2), ValueError, "pool_kernel"),
+        (dict(budget=10, policy=ChunkKV(), window=16), ValueError, "window"),
+        (dict(budget=10, policy="chunkkv"), TypeError, "policy"),
+    ],
+)
 def test_bad_arguments_raise_before_touching_the_model(options, error, match):
     model = tiny_model()
     with pytest.raises(error, match=match):
@@ -438,10 +474,12 @@ def test_repeated_rows_keep_their_row_state(mode):
         model(input_ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
         cache.batch_repeat_interleave(2)
         step = torch.tensor([[5], [5], [9], [9]])
-        full_mask = torch.cat([mask.repeat_interleave(2, dim=0),
-                               torch.ones(4, 1, dtype=mask.dtype)], dim=1)
-        logits = model(step, attention_mask=full_mask, **cache_kwargs(model, cache),
-                       use_cache=True).logits
+        full_mask = torch.cat(
+            [mask.repeat_interleave(2, dim=0), torch.ones(4, 1, dtype=mask.dtype)], dim=1
+        )
+        logits = model(
+            step, attention_mask=full_mask, **cache_kwargs(model, cache), use_cache=True
+        ).logits
     torch.testing.assert_close(logits[0], logits[1])
     torch.testing.assert_close(logits[2], logits[3])
 

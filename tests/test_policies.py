@@ -36,8 +36,16 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-def make_inputs(batch=1, num_kv_heads=2, group=2, seq_len=61, head_dim=16, window=WINDOW,
-                dtype=torch.float32, seed=0):
+def make_inputs(
+    batch=1,
+    num_kv_heads=2,
+    group=2,
+    seq_len=61,
+    head_dim=16,
+    window=WINDOW,
+    dtype=torch.float32,
+    seed=0,
+):
     """Random queries (all ``seq_len`` of them) and keys; peaked attention, no ties."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, num_kv_heads * group, seq_len, head_dim, generator=generator)
@@ -47,9 +55,10 @@ def make_inputs(batch=1, num_kv_heads=2, group=2, seq_len=61, head_dim=16, windo
 
 def run(policy, q, k, budget, layer=0, num_layers=1, key_mask=None):
     window = observation_window(policy, k.shape[2])
-    q_obs = q[:, :, k.shape[2] - window:] if window else None
-    return policy.select(q_obs, k, budget=budget, layer=layer, num_layers=num_layers,
-                         key_mask=key_mask)
+    q_obs = q[:, :, k.shape[2] - window :] if window else None
+    return policy.select(
+        q_obs, k, budget=budget, layer=layer, num_layers=num_layers, key_mask=key_mask
+    )
 
 
 def check_well_formed(selection: Selection, batch, num_kv_heads, seq_len):
@@ -63,15 +72,20 @@ def check_well_formed(selection: Selection, batch, num_kv_heads, seq_len):
 
 
 def token_policies():
-    return [StreamingLLM(), H2O(recent=WINDOW), SnapKV(window=WINDOW),
-            PhraseChunkKV(tokenizer=CharTokenizer(), window=WINDOW, max_chunk=6)]
+    return [
+        StreamingLLM(),
+        H2O(recent=WINDOW),
+        SnapKV(window=WINDOW),
+        PhraseChunkKV(tokenizer=CharTokenizer(), window=WINDOW, max_chunk=6),
+    ]
 
 
 def prepared(policy, seq_len, batch=1, seed=0):
     """``policy`` after ``on_prompt`` with random text of letters, spaces and full stops."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.tensor([ord(c) for c in "abc de.fg "])[
-        torch.randint(0, 10, (batch, seq_len), generator=generator)]
+        torch.randint(0, 10, (batch, seq_len), generator=generator)
+    ]
     policy.on_prompt(ids)
     return policy
 
@@ -102,8 +116,7 @@ def test_budget_covering_the_prompt_keeps_everything(make):
 
 def test_budget_below_the_window_keeps_the_window_alone():
     q, k = make_inputs()
-    for policy in (SnapKV(window=WINDOW), H2O(recent=WINDOW), ChunkKV(chunk_size=4,
-                                                                      window=WINDOW)):
+    for policy in (SnapKV(window=WINDOW), H2O(recent=WINDOW), ChunkKV(chunk_size=4, window=WINDOW)):
         selection = run(policy, q, k, budget=3)
         assert selection.chunk_idx.shape[2] == 0
         assert kept_length(selection, 61) == 61 - selection.tail_start >= WINDOW
@@ -115,8 +128,13 @@ def test_select_many_is_select_per_budget(make):
     q, k = make_inputs(seq_len=61)
     for candidate in (policy, PyramidKV(window=WINDOW), ChunkKV(chunk_size=4, window=WINDOW)):
         window = observation_window(candidate, 61)
-        many = candidate.select_many(q[:, :, 61 - window:] if window else None, k,
-                                     budgets=[12, 30, 61], layer=1, num_layers=3)
+        many = candidate.select_many(
+            q[:, :, 61 - window :] if window else None,
+            k,
+            budgets=[12, 30, 61],
+            layer=1,
+            num_layers=3,
+        )
         assert many[2] is None
         for budget, selection in zip((12, 30), many):
             expected = run(candidate, q, k, budget, layer=1, num_layers=3)
@@ -132,9 +150,17 @@ def test_chunkkv_keeps_whole_chunks_within_the_budget(seq_len, budget, chunk_siz
     assert budget - chunk_size < kept_length(selection, seq_len) <= budget
 
 
-@pytest.mark.parametrize("budget,num_layers,seq_len,window", [
-    (100, 30, 1000, 32), (104, 30, 1044, 32), (20, 4, 61, 8), (7, 5, 100, 4), (50, 3, 60, 8),
-    (33, 7, 40, 1)])
+@pytest.mark.parametrize(
+    "budget,num_layers,seq_len,window",
+    [
+        (100, 30, 1000, 32),
+        (104, 30, 1044, 32),
+        (20, 4, 61, 8),
+        (7, 5, 100, 4),
+        (50, 3, 60, 8),
+        (33, 7, 40, 1),
+    ],
+)
 def test_pyramid_budgets_sum_to_the_uniform_total(budget, num_layers, seq_len, window):
     budgets = pyramid_budgets(budget, num_layers, seq_len, window)
     assert len(budgets) == num_layers
@@ -143,8 +169,9 @@ def test_pyramid_budgets_sum_to_the_uniform_total(budget, num_layers, seq_len, w
     assert max(budgets) <= seq_len and min(budgets) >= window
 
 
-@pytest.mark.parametrize("budget,num_layers,seq_len", [(8, 4, 100), (5, 4, 100), (20, 1, 100),
-                                                       (100, 4, 100)])
+@pytest.mark.parametrize(
+    "budget,num_layers,seq_len", [(8, 4, 100), (5, 4, 100), (20, 1, 100), (100, 4, 100)]
+)
 def test_pyramid_budgets_fall_back_to_uniform(budget, num_layers, seq_len):
     assert pyramid_budgets(budget, num_layers, seq_len, window=8) == [budget] * num_layers
 
@@ -202,7 +229,7 @@ def test_snapkv_is_pooled_token_level_chunkkv():
     q, k = make_inputs(seq_len=61)
     selection = run(SnapKV(window=WINDOW, pool_kernel=5), q, k, budget=25)
     pooled = F.avg_pool1d(attention_scores(q, k, 61 - WINDOW), 5, 1, 2)
-    assert torch.equal(selection.chunk_idx, top_positions(pooled[..., :61 - WINDOW], 25 - WINDOW))
+    assert torch.equal(selection.chunk_idx, top_positions(pooled[..., : 61 - WINDOW], 25 - WINDOW))
     assert selection.tail_start == 61 - WINDOW
     chunkkv = run(ChunkKV(chunk_size=1, window=WINDOW, pool_kernel=5), q, k, budget=25)
     assert torch.equal(selection.chunk_idx, chunkkv.chunk_idx)
@@ -212,7 +239,7 @@ def test_snapkv_is_pooled_token_level_chunkkv():
 def test_h2o_accumulates_attention_over_every_prompt_query(query_block):
     q, k = make_inputs(seq_len=61)
     selection = run(H2O(recent=WINDOW, query_block=query_block), q, k, budget=25)
-    scores = attention_scores(q, k, 0)[..., :61 - WINDOW]
+    scores = attention_scores(q, k, 0)[..., : 61 - WINDOW]
     assert torch.equal(selection.chunk_idx, top_positions(scores, 25 - WINDOW))
     assert selection.tail_start == 61 - WINDOW
 
@@ -239,8 +266,7 @@ def test_chunkkv_sink_tokens_keep_the_first_chunks():
     key_mask = torch.ones(2, 61, dtype=torch.bool)
     key_mask[1, :6] = False
     plain = run(ChunkKV(chunk_size=4, window=WINDOW), q, k, 24, key_mask=key_mask)
-    sinks = run(ChunkKV(chunk_size=4, window=WINDOW, sink_tokens=4), q, k, 24,
-                key_mask=key_mask)
+    sinks = run(ChunkKV(chunk_size=4, window=WINDOW, sink_tokens=4), q, k, 24, key_mask=key_mask)
     assert not (plain.chunk_idx == 0).any()
     assert (sinks.chunk_idx[0, :, 0] == 0).all()  # tokens 0-3: chunk 0
     assert (sinks.chunk_idx[1, :, :2] == torch.tensor([1, 2], dtype=torch.int32)).all()  # 6-9
@@ -277,8 +303,15 @@ def test_phrase_policy_needs_the_prompt():
 
 
 def test_registry_builds_every_policy():
-    assert set(POLICIES) == {"chunkkv", "chunkkv_phrase", "fullkv", "streamingllm", "h2o",
-                             "snapkv", "pyramidkv"}
+    assert set(POLICIES) == {
+        "chunkkv",
+        "chunkkv_phrase",
+        "fullkv",
+        "streamingllm",
+        "h2o",
+        "snapkv",
+        "pyramidkv",
+    }
     for name in POLICIES:
         options = {"tokenizer": CharTokenizer()} if name == "chunkkv_phrase" else {}
         assert make_policy(name, **options).name == name
@@ -286,19 +319,22 @@ def test_registry_builds_every_policy():
     assert observation_window(make_policy("streamingllm"), 77) == 0
 
 
-@pytest.mark.parametrize("name,options,error,match", [
-    ("nope", {}, ValueError, "policy must be one of"),
-    ("chunkkv", {"layer_budgets": "steep"}, ValueError, "layer_budgets"),
-    ("chunkkv", {"sink_tokens": -1}, ValueError, "sink_tokens"),
-    ("chunkkv", {"chunk_size": 0}, ValueError, "chunk_size"),
-    ("chunkkv", {"pool_kernel": 4}, ValueError, "pool_kernel"),
-    ("snapkv", {"chunk_size": 10}, TypeError, "chunk_size"),
-    ("h2o", {"recent": 0}, ValueError, "recent"),
-    ("h2o", {"query_block": 0}, ValueError, "query_block"),
-    ("streamingllm", {"sink_tokens": 1.5}, TypeError, "sink_tokens"),
-    ("chunkkv_phrase", {}, TypeError, "tokenizer"),
-    ("chunkkv_phrase", {"tokenizer": CharTokenizer(), "max_chunk": 0}, ValueError, "max_chunk"),
-])
+@pytest.mark.parametrize(
+    "name,options,error,match",
+    [
+        ("nope", {}, ValueError, "policy must be one of"),
+        ("chunkkv", {"layer_budgets": "steep"}, ValueError, "layer_budgets"),
+        ("chunkkv", {"sink_tokens": -1}, ValueError, "sink_tokens"),
+        ("chunkkv", {"chunk_size": 0}, ValueError, "chunk_size"),
+        ("chunkkv", {"pool_kernel": 4}, ValueError, "pool_kernel"),
+        ("snapkv", {"chunk_size": 10}, TypeError, "chunk_size"),
+        ("h2o", {"recent": 0}, ValueError, "recent"),
+        ("h2o", {"query_block": 0}, ValueError, "query_block"),
+        ("streamingllm", {"sink_tokens": 1.5}, TypeError, "sink_tokens"),
+        ("chunkkv_phrase", {}, TypeError, "tokenizer"),
+        ("chunkkv_phrase", {"tokenizer": CharTokenizer(), "max_chunk": 0}, ValueError, "max_chunk"),
+    ],
+)
 def test_bad_options_name_the_argument(name, options, error, match):
     with pytest.raises(error, match=match):
         make_policy(name, **options)

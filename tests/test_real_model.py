@@ -56,15 +56,18 @@ def answer(model, tokenizer, text, **options) -> tuple[str, list[int]]:
             with chunkkv(model, **options) as state:
                 out = model.generate(input_ids, max_new_tokens=DIGIT_TOKENS, do_sample=False)
             kept = [rows[0] for rows in state.kept_lengths]
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True), kept
+    return tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True), kept
 
 
 def test_passkey_retrieval_full_vs_chunkkv_vs_tokens(smollm):
     from triton_chunkkv.models import passkey_prompt
 
     model, tokenizer = smollm
-    configs = {"full KV": {}, "ChunkKV 20%": dict(ratio=0.2),
-               "tokens 20%": dict(ratio=0.2, chunk_size=1)}
+    configs = {
+        "full KV": {},
+        "ChunkKV 20%": dict(ratio=0.2),
+        "tokens 20%": dict(ratio=0.2, chunk_size=1),
+    }
     found = dict.fromkeys(configs, 0)
     report = []
     for seed, depth in enumerate(DEPTHS):

@@ -44,8 +44,7 @@ def test_window_probs_default_scaling():
 
 def test_token_scores_sum_window_and_average_group():
     # B=1, Hq=2 (one KV head, g=2), w=2, T=3.
-    probs = torch.tensor([[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]],
-                           [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]])
+    probs = torch.tensor([[[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]])
     scores = reference.token_scores(probs, num_kv_heads=1)
     # head 0 sums to [0.7, 0.8, 0.5], head 1 to [1, 0, 1]; their mean:
     torch.testing.assert_close(scores, torch.tensor([[[0.85, 0.4, 0.75]]]))
@@ -73,14 +72,17 @@ def test_pooling_equals_avg_pool1d(pool_kernel):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seq_len, chunk_size, window, expected", [
-    (100, 10, 32, 60),  # T - w = 68: the 8 tokens before the window join the tail
-    (42, 10, 32, 10),  # T - w = 10: the tail is exactly the window
-    (40, 10, 32, 0),  # T - w = 8: no whole chunk
-    (32, 10, 32, 0),  # the window is the prompt
-    (50, 1, 7, 43),  # token level: the tail is the window
-    (97, 16, 64, 32),
-])
+@pytest.mark.parametrize(
+    "seq_len, chunk_size, window, expected",
+    [
+        (100, 10, 32, 60),  # T - w = 68: the 8 tokens before the window join the tail
+        (42, 10, 32, 10),  # T - w = 10: the tail is exactly the window
+        (40, 10, 32, 0),  # T - w = 8: no whole chunk
+        (32, 10, 32, 0),  # the window is the prompt
+        (50, 1, 7, 43),  # token level: the tail is the window
+        (97, 16, 64, 32),
+    ],
+)
 def test_tail_start(seq_len, chunk_size, window, expected):
     assert reference.tail_start(seq_len, chunk_size, window) == expected
 
@@ -101,17 +103,20 @@ def test_chunk_sum():
     assert torch.equal(sums, torch.tensor([[[0.0 + 1 + 2, 3.0 + 4 + 5]]]))
 
 
-@pytest.mark.parametrize("budget, expected", [
-    (1000, None),  # L > T: identity
-    (100, None),  # L == T
-    (99, 5),  # floor((99 - 40) / 10)
-    (69, 2),
-    (50, 1),
-    (49, 0),
-    (40, 0),  # exactly the tail
-    (10, 0),  # below the tail: clamped to 0, the tail is still kept
-    (0, 0),
-])
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (1000, None),  # L > T: identity
+        (100, None),  # L == T
+        (99, 5),  # floor((99 - 40) / 10)
+        (69, 2),
+        (50, 1),
+        (49, 0),
+        (40, 0),  # exactly the tail
+        (10, 0),  # below the tail: clamped to 0, the tail is still kept
+        (0, 0),
+    ],
+)
 def test_num_kept_chunks(budget, expected):
     # T=100, c=10, w=32: P0=60, tail_len=40, n=6 chunks.
     assert reference.num_kept_chunks(100, budget, 10, 32) == expected
@@ -123,8 +128,10 @@ def test_resolve_budget_floors_the_ratio():
     assert reference.resolve_budget(10, ratio=0.29) == 2
 
 
-@pytest.mark.parametrize("n_keep, expected", [(0, []), (1, [1]), (2, [1, 2]), (3, [1, 2, 4]),
-                                              (4, [1, 2, 3, 4]), (5, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    "n_keep, expected",
+    [(0, []), (1, [1]), (2, [1, 2]), (3, [1, 2, 4]), (4, [1, 2, 3, 4]), (5, [0, 1, 2, 3, 4])],
+)
 def test_select_ties_go_to_the_lower_index(n_keep, expected):
     scores = torch.tensor([[[1.0, 3.0, 3.0, 2.0, 3.0]]])
     chunk_idx = reference.select_chunks(scores, n_keep)
@@ -165,8 +172,9 @@ def test_compress_keeps_the_attended_chunk():
     keys[3:6] = 20.0
     k = keys.view(1, 1, 13, 1)
     v = torch.arange(13.0).view(1, 1, 13, 1)
-    out = reference.compress(torch.ones(1, 1, 2, 1), k, v, budget=7, chunk_size=3, window=2,
-                             scaling=1.0)
+    out = reference.compress(
+        torch.ones(1, 1, 2, 1), k, v, budget=7, chunk_size=3, window=2, scaling=1.0
+    )
     assert out.tail_start == 9
     assert out.chunk_idx.tolist() == [[[1]]]
     assert out.values[0, 0, :, 0].tolist() == [3.0, 4.0, 5.0, 9.0, 10.0, 11.0, 12.0]
@@ -180,8 +188,10 @@ def test_compress_identity_when_budget_covers_prompt():
 
 
 def test_compress_layers_reuses_the_leaders_indices():
-    layers = [(torch.randn(1, 2, 4, 8), torch.randn(1, 1, 30, 8), torch.randn(1, 1, 30, 8))
-              for _ in range(3)]
+    layers = [
+        (torch.randn(1, 2, 4, 8), torch.randn(1, 1, 30, 8), torch.randn(1, 1, 30, 8))
+        for _ in range(3)
+    ]
     layers[1] = (None, *layers[1][1:])
     out = reference.compress_layers(layers, reuse_layers=2, budget=14, chunk_size=5, window=4)
     assert torch.equal(out[1].chunk_idx, out[0].chunk_idx)
@@ -203,8 +213,14 @@ def test_retained_mask():
 
 def test_retained_mask_per_row_tail_and_chunk_counts():
     chunk_idx = torch.tensor([[[0, 2]], [[1, 2]]], dtype=torch.int32)
-    mask = reference.retained_mask(chunk_idx, 2, torch.tensor([6, 4]), torch.tensor([7, 5]),
-                                   max_len=8, chunk_counts=torch.tensor([2, 1]))
+    mask = reference.retained_mask(
+        chunk_idx,
+        2,
+        torch.tensor([6, 4]),
+        torch.tensor([7, 5]),
+        max_len=8,
+        chunk_counts=torch.tensor([2, 1]),
+    )
     assert mask.int().tolist() == [[[1, 1, 0, 0, 1, 1, 1, 0]], [[0, 0, 1, 1, 1, 0, 0, 0]]]
 
 

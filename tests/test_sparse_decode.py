@@ -16,23 +16,38 @@ from triton_chunkkv.ops import reference
 
 sparse_decode_module = importlib.import_module("triton_chunkkv.ops.sparse_decode")
 
-TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5),
-              torch.float16: dict(rtol=2e-3, atol=2e-3),
-              torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
 
 
 def random_chunks(batch, num_kv_heads, n_keep, num_chunks) -> torch.Tensor:
     """int32 ``[B, Hkv, n_keep]``: distinct sorted chunks, row ``b`` drawn from
     ``range(num_chunks[b])``."""
-    rows = [[torch.randperm(num_chunks[b])[:n_keep].sort().values for _ in range(num_kv_heads)]
-            for b in range(batch)]
-    return torch.tensor([[row.tolist() for row in heads] for heads in rows],
-                        dtype=torch.int32).reshape(batch, num_kv_heads, n_keep)
+    rows = [
+        [torch.randperm(num_chunks[b])[:n_keep].sort().values for _ in range(num_kv_heads)]
+        for b in range(batch)
+    ]
+    return torch.tensor(
+        [[row.tolist() for row in heads] for heads in rows], dtype=torch.int32
+    ).reshape(batch, num_kv_heads, n_keep)
 
 
-def make_case(batch=3, num_kv_heads=2, group=3, head_dim=64, chunk_size=10, n_keep=3,
-              prompt_lens=(57, 43, 66), seq_lens=(70, 45, 66), window=4, s_max=None,
-              dtype=torch.float32):
+def make_case(
+    batch=3,
+    num_kv_heads=2,
+    group=3,
+    head_dim=64,
+    chunk_size=10,
+    n_keep=3,
+    prompt_lens=(57, 43, 66),
+    seq_lens=(70, 45, 66),
+    window=4,
+    s_max=None,
+    dtype=torch.float32,
+):
     """Random inputs: prompt ``b`` has ``prompt_lens[b]`` tokens (so ``tail_start_b`` follows
     SPEC step 3 with ``window``), then ``seq_lens[b] - prompt_lens[b]`` generated tokens."""
     s_max = s_max or max(seq_lens) + 3
@@ -67,8 +82,12 @@ def compacted_attention(case, prompt_lens, scaling=None):
     for b, prompt_len in enumerate(prompt_lens):
         seq_len, tail = int(case["seq_lens"][b]), int(case["tail_start"][b])
         kept_k, kept_v = reference.gather_chunks(
-            k[b:b + 1, :, :prompt_len], v[b:b + 1, :, :prompt_len], case["chunk_idx"][b:b + 1],
-            case["chunk_size"], tail)
+            k[b : b + 1, :, :prompt_len],
+            v[b : b + 1, :, :prompt_len],
+            case["chunk_idx"][b : b + 1],
+            case["chunk_size"],
+            tail,
+        )
         keys = torch.cat([kept_k[0], k[b, :, prompt_len:seq_len]], dim=1)
         values = torch.cat([kept_v[0], v[b, :, prompt_len:seq_len]], dim=1)
         out.append(attention(q[b], keys, values, scaling))
@@ -78,42 +97,50 @@ def compacted_attention(case, prompt_lens, scaling=None):
 def poison_unretained(case, **layout):
     """Fill every cache entry outside R(b, h) with NaN: the kernel must not read them."""
     S_max = case["k_cache"].shape[2]
-    keep = reference.retained_mask(case["chunk_idx"], case["chunk_size"], case["tail_start"],
-                                   case["seq_lens"], S_max, **layout)
+    keep = reference.retained_mask(
+        case["chunk_idx"], case["chunk_size"], case["tail_start"], case["seq_lens"], S_max, **layout
+    )
     for name in ("k_cache", "v_cache"):
         case[name] = case[name].masked_fill(~keep[..., None], float("nan"))
 
 
-@pytest.mark.parametrize("group, dtype, chunk_size, head_dim, num_splits", [
-    (1, torch.float32, 10, 64, 1),
-    (3, torch.float32, 10, 80, 3),
-    (8, torch.float32, 16, 64, None),
-    (3, torch.float16, 1, 64, 3),
-    (8, torch.float16, 10, 80, 1),
-    (1, torch.bfloat16, 10, 80, None),
-    (3, torch.bfloat16, 16, 64, 3),
-    (3, torch.float16, 10, 128, 2),
-    (1, torch.float32, 10, 256, 3),
-])
-def test_matches_reference_and_compacted_attention(group, dtype, chunk_size, head_dim,
-                                                   num_splits):
+@pytest.mark.parametrize(
+    "group, dtype, chunk_size, head_dim, num_splits",
+    [
+        (1, torch.float32, 10, 64, 1),
+        (3, torch.float32, 10, 80, 3),
+        (8, torch.float32, 16, 64, None),
+        (3, torch.float16, 1, 64, 3),
+        (8, torch.float16, 10, 80, 1),
+        (1, torch.bfloat16, 10, 80, None),
+        (3, torch.bfloat16, 16, 64, 3),
+        (3, torch.float16, 10, 128, 2),
+        (1, torch.float32, 10, 256, 3),
+    ],
+)
+def test_matches_reference_and_compacted_attention(group, dtype, chunk_size, head_dim, num_splits):
     n_keep = 2 if chunk_size == 16 else 3
-    case, prompt_lens = make_case(group=group, head_dim=head_dim, chunk_size=chunk_size,
-                                  n_keep=n_keep, dtype=dtype)
+    case, prompt_lens = make_case(
+        group=group, head_dim=head_dim, chunk_size=chunk_size, n_keep=n_keep, dtype=dtype
+    )
     out = ops.sparse_decode(**case, num_splits=num_splits)
     assert out.shape == case["q"].shape and out.dtype == dtype
     torch.testing.assert_close(out, reference.sparse_decode(**case), **TOLERANCES[dtype])
-    torch.testing.assert_close(out.float(), compacted_attention(case, prompt_lens),
-                               **TOLERANCES[dtype])
+    torch.testing.assert_close(
+        out.float(), compacted_attention(case, prompt_lens), **TOLERANCES[dtype]
+    )
 
 
 def test_every_chunk_kept_equals_full_attention():
     case, _ = make_case(n_keep=4, prompt_lens=(57, 57, 57), seq_lens=(70, 61, 57))
     case["chunk_idx"] = reference.all_chunks(3, 2, 57, 10, 4, "cpu").contiguous()
     out = ops.sparse_decode(**case, scaling=0.3, num_splits=2)
-    full = torch.stack([attention(case["q"][b], case["k_cache"][b, :, :n],
-                                  case["v_cache"][b, :, :n], 0.3)
-                        for b, n in enumerate(case["seq_lens"].tolist())])
+    full = torch.stack(
+        [
+            attention(case["q"][b], case["k_cache"][b, :, :n], case["v_cache"][b, :, :n], 0.3)
+            for b, n in enumerate(case["seq_lens"].tolist())
+        ]
+    )
     torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-5)
 
 
@@ -121,8 +148,9 @@ def test_reads_nothing_outside_the_retained_set():
     case, prompt_lens = make_case()
     expected = compacted_attention(case, prompt_lens)
     poison_unretained(case)
-    torch.testing.assert_close(ops.sparse_decode(**case, num_splits=3), expected,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ops.sparse_decode(**case, num_splits=3), expected, rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(reference.sparse_decode(**case), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -144,8 +172,9 @@ def test_no_chunks_kept_and_empty_sets_give_zeros():
     out = ops.sparse_decode(**case, num_splits=3)
     torch.testing.assert_close(out, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    torch.testing.assert_close(out[::2], compacted_attention(case, prompt_lens)[::2],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out[::2], compacted_attention(case, prompt_lens)[::2], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_empty_tail_with_chunks():
@@ -153,10 +182,16 @@ def test_empty_tail_with_chunks():
     case["tail_start"] = case["seq_lens"].clone()
     out = ops.sparse_decode(**case, num_splits=2)
     torch.testing.assert_close(out, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
-    chunks_only = [torch.cat([torch.arange(j * 10, j * 10 + 10) for j in row])
-                   for row in case["chunk_idx"][0].tolist()]
-    expected = attention(case["q"][0, :3], case["k_cache"][0, :1, chunks_only[0]],
-                         case["v_cache"][0, :1, chunks_only[0]], 64**-0.5)
+    chunks_only = [
+        torch.cat([torch.arange(j * 10, j * 10 + 10) for j in row])
+        for row in case["chunk_idx"][0].tolist()
+    ]
+    expected = attention(
+        case["q"][0, :3],
+        case["k_cache"][0, :1, chunks_only[0]],
+        case["v_cache"][0, :1, chunks_only[0]],
+        64**-0.5,
+    )
     torch.testing.assert_close(out[0, :3], expected, rtol=1e-4, atol=1e-5)
 
 
@@ -175,10 +210,11 @@ def test_left_padded_rows_with_row_offset():
     for name in ("k_cache", "v_cache"):
         padded[name] = torch.full_like(case[name], float("nan"))
         for b, offset in enumerate(row_offset.tolist()):
-            padded[name][b, :, offset:] = case[name][b, :, :70 - offset]
+            padded[name][b, :, offset:] = case[name][b, :, : 70 - offset]
     shifted = dict(case, **padded, row_offset=row_offset)
-    torch.testing.assert_close(ops.sparse_decode(**shifted, num_splits=3), truth,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ops.sparse_decode(**shifted, num_splits=3), truth, rtol=1e-4, atol=1e-5
+    )
     torch.testing.assert_close(reference.sparse_decode(**shifted), truth, rtol=1e-4, atol=1e-5)
 
 
@@ -187,18 +223,19 @@ def test_chunk_counts_ignore_entries_past_the_count():
     counts = torch.tensor([3, 1, 0], dtype=torch.int32)
     truths = []
     for b, count in enumerate(counts.tolist()):
-        row = dict(case, chunk_idx=case["chunk_idx"][b:b + 1, :, :count])
+        row = dict(case, chunk_idx=case["chunk_idx"][b : b + 1, :, :count])
         for name in ("q", "k_cache", "v_cache", "tail_start", "seq_lens"):
-            row[name] = case[name][b:b + 1]
-        truths.append(compacted_attention(row, prompt_lens[b:b + 1]))
+            row[name] = case[name][b : b + 1]
+        truths.append(compacted_attention(row, prompt_lens[b : b + 1]))
     garbage = case["chunk_idx"].clone()
     garbage[1, :, 1:] = torch.tensor([10**6, -5], dtype=torch.int32)
     garbage[2] = torch.tensor([7, 7, -1], dtype=torch.int32)
     case.update(chunk_idx=garbage, chunk_counts=counts)
     out = ops.sparse_decode(**case, num_splits=2)
     torch.testing.assert_close(out, torch.cat(truths), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(reference.sparse_decode(**case), torch.cat(truths),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        reference.sparse_decode(**case), torch.cat(truths), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -208,7 +245,7 @@ def test_slot_layout_with_permuted_slots(dtype):
     poison_unretained(case)
     B, Hkv, S_max, D = case["k_cache"].shape
     num_slots = B * S_max + 5
-    slot_map = torch.randperm(num_slots)[:B * S_max].reshape(B, S_max).to(torch.int32)
+    slot_map = torch.randperm(num_slots)[: B * S_max].reshape(B, S_max).to(torch.int32)
     slots = {}
     for name in ("k_cache", "v_cache"):
         slots[name] = torch.full((num_slots, Hkv, D), float("nan"), dtype=dtype)
@@ -216,8 +253,9 @@ def test_slot_layout_with_permuted_slots(dtype):
     paged = dict(case, **slots, slot_map=slot_map)
     out = ops.sparse_decode(**paged, num_splits=3)
     torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
-    torch.testing.assert_close(out.float(), compacted_attention(case, prompt_lens),
-                               **TOLERANCES[dtype])
+    torch.testing.assert_close(
+        out.float(), compacted_attention(case, prompt_lens), **TOLERANCES[dtype]
+    )
 
 
 def test_validate_false_skips_the_data_checks():
@@ -228,36 +266,53 @@ def test_validate_false_skips_the_data_checks():
     case["chunk_idx"] = case["chunk_idx"].flip(-1).contiguous()
     with pytest.raises(ValueError, match="chunk_idx.*sorted"):
         ops.sparse_decode(**case)
-    torch.testing.assert_close(ops.sparse_decode(**case, validate=False), expected,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ops.sparse_decode(**case, validate=False), expected, rtol=1e-4, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (lambda c: dict(chunk_idx=c["chunk_idx"] + 10), ValueError, "chunk_idx.*tail_start"),
-    (lambda c: dict(chunk_idx=c["chunk_idx"] - 10), ValueError, "chunk_idx"),
-    (lambda c: dict(chunk_idx=c["chunk_idx"].flip(-1).contiguous()), ValueError,
-     "chunk_idx.*sorted"),
-    (lambda c: dict(chunk_idx=c["chunk_idx"].long()), TypeError, "chunk_idx"),
-    (lambda c: dict(chunk_idx=c["chunk_idx"][:, :1]), ValueError, "chunk_idx"),
-    (lambda c: dict(tail_start=c["seq_lens"] + 1), ValueError, "tail_start"),
-    (lambda c: dict(tail_start=-1), ValueError, "tail_start"),
-    (lambda c: dict(tail_start=c["tail_start"][:2]), ValueError, "tail_start"),
-    (lambda c: dict(seq_lens=c["seq_lens"] + 100), ValueError, "seq_lens"),
-    (lambda c: dict(seq_lens=c["seq_lens"].float()), TypeError, "seq_lens"),
-    (lambda c: dict(k_cache=c["k_cache"].half()), ValueError, "dtype.*k_cache"),
-    (lambda c: dict(v_cache=c["v_cache"][:, :, :-1]), ValueError, "v_cache"),
-    (lambda c: dict(q=c["q"][:, :5]), ValueError, "q has 5 heads"),
-    (lambda c: dict(q=c["q"][:, :, None].expand(-1, -1, 2, -1)), ValueError, "q"),
-    (lambda c: dict(q=c["q"][..., :32]), ValueError, "k_cache has head dim"),
-    (lambda c: dict(chunk_size=0), ValueError, "chunk_size"),
-    (lambda c: dict(num_splits=0), ValueError, "num_splits"),
-    (lambda c: dict(scaling="0.1"), TypeError, "scaling"),
-    (lambda c: dict(row_offset=torch.full((3,), 10, dtype=torch.int32)), ValueError, "seq_lens"),
-    (lambda c: dict(row_offset=torch.full((3,), -1, dtype=torch.int32)), ValueError,
-     "row_offset"),
-    (lambda c: dict(chunk_counts=torch.full((3,), 4, dtype=torch.int32)), ValueError,
-     "chunk_counts"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda c: dict(chunk_idx=c["chunk_idx"] + 10), ValueError, "chunk_idx.*tail_start"),
+        (lambda c: dict(chunk_idx=c["chunk_idx"] - 10), ValueError, "chunk_idx"),
+        (
+            lambda c: dict(chunk_idx=c["chunk_idx"].flip(-1).contiguous()),
+            ValueError,
+            "chunk_idx.*sorted",
+        ),
+        (lambda c: dict(chunk_idx=c["chunk_idx"].long()), TypeError, "chunk_idx"),
+        (lambda c: dict(chunk_idx=c["chunk_idx"][:, :1]), ValueError, "chunk_idx"),
+        (lambda c: dict(tail_start=c["seq_lens"] + 1), ValueError, "tail_start"),
+        (lambda c: dict(tail_start=-1), ValueError, "tail_start"),
+        (lambda c: dict(tail_start=c["tail_start"][:2]), ValueError, "tail_start"),
+        (lambda c: dict(seq_lens=c["seq_lens"] + 100), ValueError, "seq_lens"),
+        (lambda c: dict(seq_lens=c["seq_lens"].float()), TypeError, "seq_lens"),
+        (lambda c: dict(k_cache=c["k_cache"].half()), ValueError, "dtype.*k_cache"),
+        (lambda c: dict(v_cache=c["v_cache"][:, :, :-1]), ValueError, "v_cache"),
+        (lambda c: dict(q=c["q"][:, :5]), ValueError, "q has 5 heads"),
+        (lambda c: dict(q=c["q"][:, :, None].expand(-1, -1, 2, -1)), ValueError, "q"),
+        (lambda c: dict(q=c["q"][..., :32]), ValueError, "k_cache has head dim"),
+        (lambda c: dict(chunk_size=0), ValueError, "chunk_size"),
+        (lambda c: dict(num_splits=0), ValueError, "num_splits"),
+        (lambda c: dict(scaling="0.1"), TypeError, "scaling"),
+        (
+            lambda c: dict(row_offset=torch.full((3,), 10, dtype=torch.int32)),
+            ValueError,
+            "seq_lens",
+        ),
+        (
+            lambda c: dict(row_offset=torch.full((3,), -1, dtype=torch.int32)),
+            ValueError,
+            "row_offset",
+        ),
+        (
+            lambda c: dict(chunk_counts=torch.full((3,), 4, dtype=torch.int32)),
+            ValueError,
+            "chunk_counts",
+        ),
+    ],
+)
 def test_bad_input_names_the_argument(change, error, match):
     case, _ = make_case()
     with pytest.raises(error, match=match):
@@ -268,8 +323,12 @@ def test_bad_slot_layout_input_names_the_argument():
     case, _ = make_case()
     B, Hkv, S_max, D = case["k_cache"].shape
     slot_map = torch.arange(B * S_max, dtype=torch.int32).reshape(B, S_max)
-    paged = dict(case, k_cache=case["k_cache"].transpose(1, 2).reshape(-1, Hkv, D),
-                 v_cache=case["v_cache"].transpose(1, 2).reshape(-1, Hkv, D), slot_map=slot_map)
+    paged = dict(
+        case,
+        k_cache=case["k_cache"].transpose(1, 2).reshape(-1, Hkv, D),
+        v_cache=case["v_cache"].transpose(1, 2).reshape(-1, Hkv, D),
+        slot_map=slot_map,
+    )
     with pytest.raises(ValueError, match="slot_map"):
         ops.sparse_decode(**dict(paged, slot_map=slot_map + 20))
     with pytest.raises(ValueError, match="row_offset"):
@@ -290,23 +349,42 @@ def test_default_num_splits_fills_the_gpu_without_tiny_splits(monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_matches_reference(dtype):
-    case, prompt_lens = make_case(batch=3, num_kv_heads=8, group=4, head_dim=128,
-                                  prompt_lens=(900, 517, 1333), seq_lens=(950, 517, 1400),
-                                  n_keep=20, dtype=dtype)
-    cuda = {name: value.cuda() if isinstance(value, torch.Tensor) else value
-            for name, value in case.items()}
+    case, prompt_lens = make_case(
+        batch=3,
+        num_kv_heads=8,
+        group=4,
+        head_dim=128,
+        prompt_lens=(900, 517, 1333),
+        seq_lens=(950, 517, 1400),
+        n_keep=20,
+        dtype=dtype,
+    )
+    cuda = {
+        name: value.cuda() if isinstance(value, torch.Tensor) else value
+        for name, value in case.items()
+    }
     for num_splits in (1, 5, None):
         out = ops.sparse_decode(**cuda, num_splits=num_splits)
-        torch.testing.assert_close(out.cpu(), reference.sparse_decode(**case),
-                                   **TOLERANCES[dtype])
+        torch.testing.assert_close(out.cpu(), reference.sparse_decode(**case), **TOLERANCES[dtype])
 
 
 @requires_cuda
 def test_gpu_cuda_graph_capture_without_validation():
-    case, _ = make_case(batch=2, num_kv_heads=8, group=4, head_dim=128, prompt_lens=(700, 640),
-                        seq_lens=(720, 641), s_max=1024, n_keep=16, dtype=torch.bfloat16)
-    cuda = {name: value.cuda() if isinstance(value, torch.Tensor) else value
-            for name, value in case.items()}
+    case, _ = make_case(
+        batch=2,
+        num_kv_heads=8,
+        group=4,
+        head_dim=128,
+        prompt_lens=(700, 640),
+        seq_lens=(720, 641),
+        s_max=1024,
+        n_keep=16,
+        dtype=torch.bfloat16,
+    )
+    cuda = {
+        name: value.cuda() if isinstance(value, torch.Tensor) else value
+        for name, value in case.items()
+    }
     ops.sparse_decode(**cuda, validate=False)  # autotunes and compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -314,6 +392,10 @@ def test_gpu_cuda_graph_capture_without_validation():
     cuda["seq_lens"].add_(5)  # a later decode step: same buffers, new data
     cuda["q"].copy_(torch.randn_like(cuda["q"]))
     graph.replay()
-    expected = reference.sparse_decode(**{name: value.cpu() if isinstance(value, torch.Tensor)
-                                          else value for name, value in cuda.items()})
+    expected = reference.sparse_decode(
+        **{
+            name: value.cpu() if isinstance(value, torch.Tensor) else value
+            for name, value in cuda.items()
+        }
+    )
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCES[torch.bfloat16])

@@ -11,9 +11,11 @@ from triton_chunkkv import ops
 from triton_chunkkv.integrations.torch_attention import ChunkKVCache, chunkkv_attention
 from triton_chunkkv.policies import ChunkKV
 
-TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5),
-              torch.float16: dict(rtol=2e-3, atol=2e-3),
-              torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 B, HQ, HKV, D = 2, 6, 2, 64
 POLICY = dict(chunk_size=5, window=8)
 
@@ -22,8 +24,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qkv(length, dtype=torch.float32):
-    return (torch.randn(B, HQ, length, D).to(dtype), torch.randn(B, HKV, length, D).to(dtype),
-            torch.randn(B, HKV, length, D).to(dtype))
+    return (
+        torch.randn(B, HQ, length, D).to(dtype),
+        torch.randn(B, HKV, length, D).to(dtype),
+        torch.randn(B, HKV, length, D).to(dtype),
+    )
 
 
 def attention(query, key, value):
@@ -61,8 +66,9 @@ def test_prefill_compresses_and_decode_attends_to_the_kept_tokens(mode, dtype):
         out = chunkkv_attention(q_new, k_new, v_new, cache)
         kept_k, kept_v = torch.cat([kept_k, k_new], 2), torch.cat([kept_v, v_new], 2)
         assert out.shape == q_new.shape and out.dtype == dtype
-        torch.testing.assert_close(out.float(), attention(q_new, kept_k, kept_v),
-                                   **TOLERANCES[dtype])
+        torch.testing.assert_close(
+            out.float(), attention(q_new, kept_k, kept_v), **TOLERANCES[dtype]
+        )
     assert cache.seq_len == T + 4
 
 
@@ -85,8 +91,9 @@ def test_prompt_shorter_than_the_window_is_kept_whole():
 
 def test_leader_selection_is_reused_without_scoring():
     leader = ChunkKVCache(ratio=0.3, policy=ChunkKV(**POLICY), layer=0, num_layers=2)
-    follower = ChunkKVCache(ratio=0.3, policy=ChunkKV(**POLICY), layer=1, num_layers=2,
-                            leader=leader)
+    follower = ChunkKVCache(
+        ratio=0.3, policy=ChunkKV(**POLICY), layer=1, num_layers=2, leader=leader
+    )
     chunkkv_attention(*qkv(81), leader)
     query, key, value = qkv(81)
     chunkkv_attention(query.fill_(float("nan")), key, value, follower)  # queries never read
@@ -96,20 +103,32 @@ def test_leader_selection_is_reused_without_scoring():
     assert torch.equal(follower.keys, expected_k)
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: ChunkKVCache(budget=3, ratio=0.1), ValueError, "exactly one of budget and ratio"),
-    (lambda: ChunkKVCache(budget=3, mode="dense"), ValueError, "mode"),
-    (lambda: ChunkKVCache(budget=3, policy="chunkkv"), TypeError, "policy"),
-    (lambda: ChunkKVCache(budget=3, layer=2, num_layers=2), ValueError, "num_layers"),
-    (lambda: ChunkKVCache(budget=3, leader=object()), TypeError, "leader"),
-    (lambda: chunkkv_attention(*qkv(4), cache=None), TypeError, "cache"),
-    (lambda: chunkkv_attention(torch.randn(B, 5, 4, D), *qkv(4)[1:], ChunkKVCache(budget=3)),
-     ValueError, "query has 5 heads"),
-    (lambda: chunkkv_attention(qkv(4)[0], *qkv(3)[1:], ChunkKVCache(budget=3)),
-     ValueError, "key and value"),
-    (lambda: chunkkv_attention(qkv(4)[0].int(), *qkv(4)[1:], ChunkKVCache(budget=3)),
-     TypeError, "query must have dtype"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: ChunkKVCache(budget=3, ratio=0.1), ValueError, "exactly one of budget and ratio"),
+        (lambda: ChunkKVCache(budget=3, mode="dense"), ValueError, "mode"),
+        (lambda: ChunkKVCache(budget=3, policy="chunkkv"), TypeError, "policy"),
+        (lambda: ChunkKVCache(budget=3, layer=2, num_layers=2), ValueError, "num_layers"),
+        (lambda: ChunkKVCache(budget=3, leader=object()), TypeError, "leader"),
+        (lambda: chunkkv_attention(*qkv(4), cache=None), TypeError, "cache"),
+        (
+            lambda: chunkkv_attention(torch.randn(B, 5, 4, D), *qkv(4)[1:], ChunkKVCache(budget=3)),
+            ValueError,
+            "query has 5 heads",
+        ),
+        (
+            lambda: chunkkv_attention(qkv(4)[0], *qkv(3)[1:], ChunkKVCache(budget=3)),
+            ValueError,
+            "key and value",
+        ),
+        (
+            lambda: chunkkv_attention(qkv(4)[0].int(), *qkv(4)[1:], ChunkKVCache(budget=3)),
+            TypeError,
+            "query must have dtype",
+        ),
+    ],
+)
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()

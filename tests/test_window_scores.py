@@ -43,13 +43,14 @@ def left_padding_mask(batch, seq_len, window, device="cpu"):
     return mask
 
 
-def make_inputs(batch, kv_heads, group, seq_len, window, head_dim, dtype, device="cpu",
-                strided=False):
+def make_inputs(
+    batch, kv_heads, group, seq_len, window, head_dim, dtype, device="cpu", strided=False
+):
     """Random ``q_obs``, ``k``. ``strided``: ``q_obs`` is the window slice of all the prompt's
     queries and ``k`` a transposed view of a ``[B, T, Hkv, D]`` buffer."""
     if strided:
         queries = torch.randn(batch, kv_heads * group, seq_len, head_dim, device=device)
-        q_obs = queries.to(dtype)[:, :, seq_len - window:]
+        q_obs = queries.to(dtype)[:, :, seq_len - window :]
         k = torch.randn(batch, seq_len, kv_heads, head_dim, device=device).to(dtype).transpose(1, 2)
     else:
         q_obs = torch.randn(batch, kv_heads * group, window, head_dim, device=device).to(dtype)
@@ -60,8 +61,9 @@ def make_inputs(batch, kv_heads, group, seq_len, window, head_dim, dtype, device
 def assert_matches_reference(q_obs, k, key_mask=None, scaling=None, pool_kernel=1):
     assert use_triton(k)
     out = ops.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel)
-    expected = reference.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling,
-                                       pool_kernel=pool_kernel)
+    expected = reference.window_scores(
+        q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel
+    )
     assert out.dtype == torch.float32 and out.shape == expected.shape
     rtol, atol = TOLERANCES[q_obs.dtype]
     torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
@@ -81,11 +83,22 @@ EDGE_CASES = [
 # Every GQA group x dtype x head dim, cycling through lengths, windows, pooling and splits.
 LENGTHS_AND_WINDOWS = [(37, 1), (50, 8), (100, 32), (64, 64), (75, 3), (23, 23), (41, 12)]
 GRID = [
-    (1 + i % 2, group, *LENGTHS_AND_WINDOWS[i % len(LENGTHS_AND_WINDOWS)], head_dim, dtype,
-     (1, 3, 5)[i % 3], i % 4 != 3, 1 + i % 3)
+    (
+        1 + i % 2,
+        group,
+        *LENGTHS_AND_WINDOWS[i % len(LENGTHS_AND_WINDOWS)],
+        head_dim,
+        dtype,
+        (1, 3, 5)[i % 3],
+        i % 4 != 3,
+        1 + i % 3,
+    )
     for i, (group, dtype, head_dim) in enumerate(
-        (group, dtype, head_dim) for group in (1, 3, 4, 8)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16) for head_dim in (64, 80))
+        (group, dtype, head_dim)
+        for group in (1, 3, 4, 8)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for head_dim in (64, 80)
+    )
 ]
 CASES = EDGE_CASES + GRID
 CASE_NAMES = "kv_heads,group,seq_len,window,head_dim,dtype,pool_kernel,padded,splits"
@@ -93,21 +106,25 @@ CASE_NAMES = "kv_heads,group,seq_len,window,head_dim,dtype,pool_kernel,padded,sp
 
 def case_id(case):
     kv_heads, group, seq_len, window, head_dim, dtype, pool_kernel, padded, splits = case
-    return (f"hkv{kv_heads}-g{group}-T{seq_len}-w{window}-D{head_dim}-{str(dtype)[6:]}"
-            f"-pool{pool_kernel}-{'padded' if padded else 'unpadded'}-splits{splits}")
+    return (
+        f"hkv{kv_heads}-g{group}-T{seq_len}-w{window}-D{head_dim}-{str(dtype)[6:]}"
+        f"-pool{pool_kernel}-{'padded' if padded else 'unpadded'}-splits{splits}"
+    )
 
 
 @pytest.mark.parametrize(CASE_NAMES, CASES, ids=[case_id(case) for case in CASES])
-def test_matches_reference(monkeypatch, kv_heads, group, seq_len, window, head_dim, dtype,
-                           pool_kernel, padded, splits):
+def test_matches_reference(
+    monkeypatch, kv_heads, group, seq_len, window, head_dim, dtype, pool_kernel, padded, splits
+):
     force_splits(monkeypatch, splits)
     q_obs, k = make_inputs(3, kv_heads, group, seq_len, window, head_dim, dtype)
     key_mask = left_padding_mask(3, seq_len, window) if padded else None
     assert_matches_reference(q_obs, k, key_mask=key_mask, pool_kernel=pool_kernel)
 
 
-@pytest.mark.parametrize("head_dim,dtype", [(96, torch.float16), (128, torch.bfloat16),
-                                            (256, torch.float32)])
+@pytest.mark.parametrize(
+    "head_dim,dtype", [(96, torch.float16), (128, torch.bfloat16), (256, torch.float32)]
+)
 def test_large_head_dims(monkeypatch, head_dim, dtype):
     force_splits(monkeypatch, 2)
     q_obs, k = make_inputs(2, 1, 2, 20, 4, head_dim, dtype)
@@ -161,19 +178,33 @@ def test_empty_batch():
 
 @settings(max_examples=20, deadline=None)
 @given(
-    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.integers(1, 4),
-    seq_len=st.integers(1, 80), window_fraction=st.floats(0.0, 1.0),
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    group=st.integers(1, 4),
+    seq_len=st.integers(1, 80),
+    window_fraction=st.floats(0.0, 1.0),
     head_dim=st.sampled_from([8, 32, 64, 80]),
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-    pool_kernel=st.sampled_from([1, 3, 5]), splits=st.integers(1, 4),
+    pool_kernel=st.sampled_from([1, 3, 5]),
+    splits=st.integers(1, 4),
     valid_lengths=st.lists(st.integers(0, 80), min_size=3, max_size=3),
 )
-def test_property_random_shapes(batch, kv_heads, group, seq_len, window_fraction, head_dim, dtype,
-                                pool_kernel, splits, valid_lengths):
+def test_property_random_shapes(
+    batch,
+    kv_heads,
+    group,
+    seq_len,
+    window_fraction,
+    head_dim,
+    dtype,
+    pool_kernel,
+    splits,
+    valid_lengths,
+):
     window = 1 + int(window_fraction * (min(seq_len, 20) - 1))
     key_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
     for row in range(batch):  # left padding; a row may even have no valid key at all
-        key_mask[row, seq_len - min(valid_lengths[row], seq_len):] = True
+        key_mask[row, seq_len - min(valid_lengths[row], seq_len) :] = True
     q_obs, k = make_inputs(batch, kv_heads, group, seq_len, window, head_dim, dtype)
     with pytest.MonkeyPatch.context() as monkeypatch:
         force_splits(monkeypatch, splits)
@@ -215,18 +246,22 @@ def test_rejects_bad_inputs(case):
         ops.window_scores(args.pop("q_obs"), args.pop("k"), **args)
 
 
-CUDA_CASES = CASES + [(2, 4, 5000, 32, 128, torch.bfloat16, 1, True, 1),
-                      (1, 8, 3001, 64, 96, torch.float16, 3, True, 7),
-                      (2, 2, 1000, 16, 256, torch.bfloat16, 1, True, 3)]
+CUDA_CASES = CASES + [
+    (2, 4, 5000, 32, 128, torch.bfloat16, 1, True, 1),
+    (1, 8, 3001, 64, 96, torch.float16, 3, True, 7),
+    (2, 2, 1000, 16, 256, torch.bfloat16, 1, True, 3),
+]
 
 
 @requires_cuda
 @pytest.mark.parametrize(CASE_NAMES, CUDA_CASES, ids=[case_id(case) for case in CUDA_CASES])
-def test_matches_reference_cuda(monkeypatch, kv_heads, group, seq_len, window, head_dim, dtype,
-                                pool_kernel, padded, splits):
+def test_matches_reference_cuda(
+    monkeypatch, kv_heads, group, seq_len, window, head_dim, dtype, pool_kernel, padded, splits
+):
     force_splits(monkeypatch, splits)
-    q_obs, k = make_inputs(3, kv_heads, group, seq_len, window, head_dim, dtype, device="cuda",
-                           strided=splits % 2 == 1)
+    q_obs, k = make_inputs(
+        3, kv_heads, group, seq_len, window, head_dim, dtype, device="cuda", strided=splits % 2 == 1
+    )
     key_mask = left_padding_mask(3, seq_len, window, device="cuda") if padded else None
     assert_matches_reference(q_obs, k, key_mask=key_mask, pool_kernel=pool_kernel)
 

@@ -14,11 +14,14 @@ from .eval import cli as eval_cli
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="triton-chunkkv", description="ChunkKV KV-cache compression with Triton kernels.")
+        prog="triton-chunkkv", description="ChunkKV KV-cache compression with Triton kernels."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo_parser = commands.add_parser(
-        "demo", help="answer a long prompt with the full KV cache and with ChunkKV",
-        description=demo.__doc__.replace("``", ""))
+        "demo",
+        help="answer a long prompt with the full KV cache and with ChunkKV",
+        description=demo.__doc__.replace("``", ""),
+    )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
     eval_cli.add_parser(commands)

@@ -25,36 +25,69 @@ class Run:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="PATH",
-                        help="a Hugging Face model folder (default: the embedded "
-                             "SmolLM2-135M-Instruct, converted once into ~/.cache/triton_chunkkv)")
-    parser.add_argument("--ratio", type=float, default=0.2,
-                        help="fraction of the prompt's KV cache to keep (default: 0.2)")
-    parser.add_argument("--chunk-size", type=int, default=10,
-                        help="ChunkKV chunk size (default: 10)")
-    parser.add_argument("--window", type=int, default=32,
-                        help="observation window: the last prompt queries, which score the "
-                             "chunks (default: 32)")
-    parser.add_argument("--mode", choices=("evict", "sparse"), default="evict",
-                        help="evict: keep only the selected KV; sparse: keep all, decode over the "
-                             "selection (default: evict)")
-    parser.add_argument("--prompt-file", metavar="FILE", type=Path,
-                        help="use this text (document and question) as the user message instead "
-                             "of the generated pass-key prompt")
-    parser.add_argument("--prompt-tokens", type=int, default=1000,
-                        help="length of the generated pass-key prompt (default: 1000)")
-    parser.add_argument("--depth", type=float, default=0.5,
-                        help="where the pass key sits in the prompt, 0 to 1 (default: 0.5)")
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face model folder (default: the embedded "
+        "SmolLM2-135M-Instruct, converted once into ~/.cache/triton_chunkkv)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        default=0.2,
+        help="fraction of the prompt's KV cache to keep (default: 0.2)",
+    )
+    parser.add_argument(
+        "--chunk-size", type=int, default=10, help="ChunkKV chunk size (default: 10)"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=32,
+        help="observation window: the last prompt queries, which score the chunks (default: 32)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("evict", "sparse"),
+        default="evict",
+        help="evict: keep only the selected KV; sparse: keep all, decode over the "
+        "selection (default: evict)",
+    )
+    parser.add_argument(
+        "--prompt-file",
+        metavar="FILE",
+        type=Path,
+        help="use this text (document and question) as the user message instead "
+        "of the generated pass-key prompt",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=1000,
+        help="length of the generated pass-key prompt (default: 1000)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=float,
+        default=0.5,
+        help="where the pass key sits in the prompt, 0 to 1 (default: 0.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="pass-key prompt seed (default: 0)")
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="answer length limit (default: 16)")
-    parser.add_argument("--device", default="auto",
-                        help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+    )
 
 
 def kv_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (layer.keys, layer.values) if t is not None)
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in (layer.keys, layer.values)
+        if t is not None
+    )
 
 
 def greedy_answer(model, tokenizer, input_ids, max_new_tokens, state=None) -> Run:
@@ -98,28 +131,32 @@ def run(args) -> int:
     from .models import load_default_model, passkey_prompt
     from .ops._runtime import use_triton
 
-    device = torch.device(args.device if args.device != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     # bf16 on a GPU, fp32 on CPU (where half precision matmuls are slow)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = load_default_model(args.model, device=device, dtype=dtype)
 
     if args.prompt_file is not None:
         content = args.prompt_file.read_text()
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                             tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         described, passkey = f"{args.prompt_file}", None
     else:
-        prompt = passkey_prompt(tokenizer, num_tokens=args.prompt_tokens, depth=args.depth,
-                                seed=args.seed)
+        prompt = passkey_prompt(
+            tokenizer, num_tokens=args.prompt_tokens, depth=args.depth, seed=args.seed
+        )
         text, passkey = prompt.text, prompt.passkey
         described = f"pass key {passkey} hidden at {args.depth:.0%} depth"
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     input_ids = input_ids.to(device)
 
     full = greedy_answer(model, tokenizer, input_ids, args.max_new_tokens)
-    with chunkkv(model, ratio=args.ratio, chunk_size=args.chunk_size, window=args.window,
-                 mode=args.mode) as state:
+    with chunkkv(
+        model, ratio=args.ratio, chunk_size=args.chunk_size, window=args.window, mode=args.mode
+    ) as state:
         compressed = greedy_answer(model, tokenizer, input_ids, args.max_new_tokens, state)
     state.require_prefill()
 
@@ -127,8 +164,10 @@ def run(args) -> int:
     kernels = "Triton kernels" if use_triton(input_ids) else "torch reference ops"
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(f"device   {device}{gpu}, {str(dtype).removeprefix('torch.')}, {kernels}")
-    print(f"model    {config.name_or_path if args.model else 'SmolLM2-135M-Instruct'}: "
-          f"{config.num_hidden_layers} layers, {config.num_key_value_heads} KV heads")
+    print(
+        f"model    {config.name_or_path if args.model else 'SmolLM2-135M-Instruct'}: "
+        f"{config.num_hidden_layers} layers, {config.num_key_value_heads} KV heads"
+    )
     print(f"prompt   {input_ids.shape[1]} tokens, {described}")
     kept = sum(sum(rows) for rows in state.kept_lengths) / len(state.kept_lengths)
     label = f"ChunkKV {args.ratio:.0%} ({args.mode})"
@@ -137,15 +176,20 @@ def run(args) -> int:
     for name, r in (("full KV", full), (label, compressed)):
         compress = f"{r.compress_s:.3f} s" if r.compress_s is not None else "-"
         decode = f"{r.decode_s:.2f} s/{r.new_tokens} tok"
-        print(f"{name:<22}{mib(r.kv_bytes):>12}{r.prefill_s:>8.2f} s{compress:>10}{decode:>18}"
-              f"  {r.answer!r}")
+        print(
+            f"{name:<22}{mib(r.kv_bytes):>12}{r.prefill_s:>8.2f} s{compress:>10}{decode:>18}"
+            f"  {r.answer!r}"
+        )
     print()
-    print(f"ChunkKV kept {kept:.0f} of {input_ids.shape[1]} tokens per KV head "
-          f"(chunk size {args.chunk_size}, window {args.window}); KV bytes "
-          f"{compressed.kv_bytes / full.kv_bytes:.0%} of full" +
-          (" (sparse mode keeps the whole cache)" if args.mode == "sparse" else ""))
+    print(
+        f"ChunkKV kept {kept:.0f} of {input_ids.shape[1]} tokens per KV head "
+        f"(chunk size {args.chunk_size}, window {args.window}); KV bytes "
+        f"{compressed.kv_bytes / full.kv_bytes:.0%} of full"
+        + (" (sparse mode keeps the whole cache)" if args.mode == "sparse" else "")
+    )
     if passkey is not None:
-        found = [name for name, r in (("full KV", full), ("ChunkKV", compressed))
-                 if passkey in r.answer]
+        found = [
+            name for name, r in (("full KV", full), ("ChunkKV", compressed)) if passkey in r.answer
+        ]
         print(f"pass key {passkey} found by: {', '.join(found) or 'neither'}")
     return 0

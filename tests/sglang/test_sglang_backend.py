@@ -25,22 +25,37 @@ def chunkkv_backend(harness, monkeypatch, **options):
     return harness.backend("chunkkv")
 
 
-def expected_decode(harness, request, layer, *, budget=None, ratio=None, share_heads=False,
-                    leader=None):
+def expected_decode(
+    harness, request, layer, *, budget=None, ratio=None, share_heads=False, leader=None
+):
     """SPEC: select on the prompt (layer ``leader``'s queries and keys, default ``layer``),
     then exact attention of the last query over the retained set of ``layer``'s cache."""
     leader = layer if leader is None else leader
     prompt_len = harness.prompt_lens[request]
-    q_obs = harness.seen(harness.queries, leader, request)[:, prompt_len - WINDOW:prompt_len]
+    q_obs = harness.seen(harness.queries, leader, request)[:, prompt_len - WINDOW : prompt_len]
     keys = harness.seen(harness.keys, leader, request)[:, :prompt_len]
-    selected = reference.compress(q_obs[None], keys[None], keys[None], budget=budget,
-                                  ratio=ratio, chunk_size=CHUNK, window=WINDOW,
-                                  share_heads=share_heads)
+    selected = reference.compress(
+        q_obs[None],
+        keys[None],
+        keys[None],
+        budget=budget,
+        ratio=ratio,
+        chunk_size=CHUNK,
+        window=WINDOW,
+        share_heads=share_heads,
+    )
     k_cache = harness.seen(harness.keys, layer, request)[None]
     v_cache = harness.seen(harness.values, layer, request)[None]
     query = harness.seen(harness.queries, layer, request)[:, -1][None]
-    out = reference.sparse_decode(query, k_cache, v_cache, selected.chunk_idx, CHUNK,
-                                  selected.tail_start, torch.tensor([k_cache.shape[2]]))
+    out = reference.sparse_decode(
+        query,
+        k_cache,
+        v_cache,
+        selected.chunk_idx,
+        CHUNK,
+        selected.tail_start,
+        torch.tensor([k_cache.shape[2]]),
+    )
     return out.reshape(-1), selected
 
 
@@ -67,7 +82,8 @@ def test_plugin_registers_the_backend_name(sglang_runtime):
     declared = {ep.name: ep.value for ep in entry_points(group="sglang.srt.plugins")}
     assert declared.get("chunkkv") == "triton_chunkkv.integrations.sglang:register", (
         "the installed triton-chunkkv metadata lacks the entry point: reinstall it "
-        "(a stale triton_chunkkv.egg-info in the checkout shadows the installed one)")
+        "(a stale triton_chunkkv.egg-info in the checkout shadows the installed one)"
+    )
     load_plugins()  # what every SGLang process does at start-up: runs our entry point
 
     assert "chunkkv" in ATTENTION_BACKENDS
@@ -91,20 +107,23 @@ def test_budget_covering_every_prompt_decodes_exactly_like_triton(make_harness, 
     assert all(state.chunk_idx is None for state in chunkkv.requests.values())
 
 
-@pytest.mark.parametrize("dtype, chunked, mode", [
-    (torch.float16, True, {"ratio": 0.1}),
-    (torch.float16, False, {"budget": 40}),  # the 37-token prompt stays dense
-    (torch.bfloat16, False, {"budget": 40}),
-])
-def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtype, chunked,
-                                                 mode):
+@pytest.mark.parametrize(
+    "dtype, chunked, mode",
+    [
+        (torch.float16, True, {"ratio": 0.1}),
+        (torch.float16, False, {"budget": 40}),  # the 37-token prompt stays dense
+        (torch.bfloat16, False, {"budget": 40}),
+    ],
+)
+def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtype, chunked, mode):
     harness = make_harness(dtype=dtype)
     chunkkv = chunkkv_backend(harness, monkeypatch, **mode)
     triton = harness.backend("triton")
     lens = [203, 37, 97] if "ratio" in mode else [37, 103, 61]
     prefill(harness, chunkkv, lens, chunked)
-    tolerance = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3,
-                                                                               rtol=2e-3)
+    tolerance = (
+        dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=2e-3, rtol=2e-3)
+    )
     for _ in range(2):
         ours, theirs = harness.decode([chunkkv, triton])
         for layer in range(harness.num_layers):
@@ -116,8 +135,9 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
                     # SGLang's decode kernel runs tl.dot on bf16 operands, which the Triton
                     # interpreter gets wrong: compare with it in float16 only.
                     if dtype == torch.float16:
-                        torch.testing.assert_close(ours[layer][request],
-                                                   theirs[layer][request], **tolerance)
+                        torch.testing.assert_close(
+                            ours[layer][request], theirs[layer][request], **tolerance
+                        )
                 else:
                     assert torch.equal(state.chunk_idx[layer], selected.chunk_idx[0])
                     assert state.tail_start == selected.tail_start
@@ -126,25 +146,27 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
 
 def test_one_token_set_per_request_returns_dropped_slots(make_harness, monkeypatch):
     harness = make_harness()
-    chunkkv = chunkkv_backend(harness, monkeypatch, budget=24, share_heads=1,
-                              reuse_layers=harness.num_layers)
+    chunkkv = chunkkv_backend(
+        harness, monkeypatch, budget=24, share_heads=1, reuse_layers=harness.num_layers
+    )
     assert chunkkv.frees_slots
     lens = [61, 45, 23]  # the last one fits the budget: nothing to free
     prefill(harness, chunkkv, lens, chunked=False)
     free_before = harness.allocator.available_size()
-    ours, = harness.decode([chunkkv])  # selects (and frees), then decodes one token each
+    (ours,) = harness.decode([chunkkv])  # selects (and frees), then decodes one token each
 
     kept = []
     for request, row in enumerate(harness.rows):
         expected, selected = expected_decode(harness, request, 0, budget=24, share_heads=True)
         kept.append(selected.keys.shape[2])
         for layer in range(harness.num_layers):  # every layer reuses layer 0's chunks
-            expected, _ = expected_decode(harness, request, layer, budget=24,
-                                          share_heads=True, leader=0)
+            expected, _ = expected_decode(
+                harness, request, layer, budget=24, share_heads=True, leader=0
+            )
             torch.testing.assert_close(ours[layer][request], expected, atol=2e-3, rtol=2e-3)
         state = chunkkv.requests[row]
         assert state.freed_slots == lens[request] - kept[request]
-        prompt_row = harness.req_to_token_pool.req_to_token[row, :lens[request]]
+        prompt_row = harness.req_to_token_pool.req_to_token[row, : lens[request]]
         assert int((prompt_row == 0).sum()) == state.freed_slots
     assert kept[2] == lens[2]
     # The decode step took one slot per request; selection gave the dropped ones back.
@@ -196,17 +218,17 @@ def test_shared_heads_sum_chunk_scores_across_tensor_parallel_ranks(make_harness
         reduced.append(partial.shape)
         return partial + other_scores.sum(dim=1, keepdim=True)
 
-    parallel = SimpleNamespace(attn_tp_size=2, attn_tp_group=SimpleNamespace(
-        all_reduce=all_reduce))
+    parallel = SimpleNamespace(attn_tp_size=2, attn_tp_group=SimpleNamespace(all_reduce=all_reduce))
     monkeypatch.setattr(backend_module, "get_parallel", lambda: parallel)
     harness.decode([chunkkv])
 
     n_chunks = other_scores.shape[-1]
     assert reduced == [torch.Size([1, 1, n_chunks])]
-    own_q = harness.seen(harness.queries, 0, 0)[:, prompt_len - WINDOW:prompt_len]
+    own_q = harness.seen(harness.queries, 0, 0)[:, prompt_len - WINDOW : prompt_len]
     own_k = harness.seen(harness.keys, 0, 0)[:, :prompt_len]
-    own_scores = reference.chunk_sum(reference.window_scores(own_q[None], own_k[None]),
-                                     CHUNK, WINDOW)
+    own_scores = reference.chunk_sum(
+        reference.window_scores(own_q[None], own_k[None]), CHUNK, WINDOW
+    )
     n_keep = reference.num_kept_chunks(prompt_len, 20, CHUNK, WINDOW)
     both_ranks = torch.cat([own_scores, other_scores], dim=1)
     expected = reference.select_chunks(both_ranks, n_keep, share_heads=True)[:, :1]

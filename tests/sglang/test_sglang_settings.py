@@ -9,29 +9,46 @@ from triton_chunkkv.integrations.sglang import ChunkKVSettings
 
 def test_defaults_keep_ten_percent():
     settings = ChunkKVSettings.from_env({})
-    assert (settings.budget, settings.ratio, settings.chunk_size, settings.window,
-            settings.reuse_layers, settings.share_heads) == (None, 0.1, 10, 32, 1, False)
+    assert (
+        settings.budget,
+        settings.ratio,
+        settings.chunk_size,
+        settings.window,
+        settings.reuse_layers,
+        settings.share_heads,
+    ) == (None, 0.1, 10, 32, 1, False)
 
 
 def test_variables_override_the_json_config(tmp_path):
     config = tmp_path / "chunkkv.json"
-    config.write_text(json.dumps({"ratio": 0.2, "chunk_size": 8, "share_heads": True,
-                                  "reuse_layers": 4}))
-    settings = ChunkKVSettings.from_env({"CHUNKKV_CONFIG": str(config),
-                                         "CHUNKKV_BUDGET": "512", "CHUNKKV_WINDOW": "16"})
+    config.write_text(
+        json.dumps({"ratio": 0.2, "chunk_size": 8, "share_heads": True, "reuse_layers": 4})
+    )
+    settings = ChunkKVSettings.from_env(
+        {"CHUNKKV_CONFIG": str(config), "CHUNKKV_BUDGET": "512", "CHUNKKV_WINDOW": "16"}
+    )
     # The budget variable replaces the file's ratio; the rest of the file stays.
-    assert (settings.budget, settings.ratio, settings.chunk_size, settings.window,
-            settings.reuse_layers, settings.share_heads) == (512, None, 8, 16, 4, True)
+    assert (
+        settings.budget,
+        settings.ratio,
+        settings.chunk_size,
+        settings.window,
+        settings.reuse_layers,
+        settings.share_heads,
+    ) == (512, None, 8, 16, 4, True)
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"CHUNKKV_WINDOW": "wide"}, "CHUNKKV_WINDOW"),
-    ({"CHUNKKV_SHARE_HEADS": "yes"}, "CHUNKKV_SHARE_HEADS"),
-    ({"CHUNKKV_RATIO": "1.5"}, "ratio"),
-    ({"CHUNKKV_CHUNK_SIZE": "0"}, "chunk_size"),
-    ({"CHUNKKV_REUSE_LAYERS": "0"}, "reuse_layers"),
-    ({"CHUNKKV_BUDGET": "64", "CHUNKKV_RATIO": "0.1"}, "exactly one of budget and ratio"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"CHUNKKV_WINDOW": "wide"}, "CHUNKKV_WINDOW"),
+        ({"CHUNKKV_SHARE_HEADS": "yes"}, "CHUNKKV_SHARE_HEADS"),
+        ({"CHUNKKV_RATIO": "1.5"}, "ratio"),
+        ({"CHUNKKV_CHUNK_SIZE": "0"}, "chunk_size"),
+        ({"CHUNKKV_REUSE_LAYERS": "0"}, "reuse_layers"),
+        ({"CHUNKKV_BUDGET": "64", "CHUNKKV_RATIO": "0.1"}, "exactly one of budget and ratio"),
+    ],
+)
 def test_bad_values_name_the_setting(environ, message):
     with pytest.raises(ValueError, match=message):
         ChunkKVSettings.from_env(environ)

@@ -33,17 +33,26 @@ WINDOW = 32
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m triton_chunkkv.autotune_cache",
-                                     description="Tune every kernel on this GPU and merge "
-                                     "the configs into autotune_cache/<gpu>.json.")
+    parser = argparse.ArgumentParser(
+        prog="python -m triton_chunkkv.autotune_cache",
+        description="Tune every kernel on this GPU and merge "
+        "the configs into autotune_cache/<gpu>.json.",
+    )
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--seq-lens", nargs="+", type=int, default=list(SEQ_LENS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
-    parser.add_argument("--retune", action="store_true",
-                        help="tune keys the committed file already has, and replace them")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="JSON file to merge into (default: autotune_cache/<gpu>.json)")
+    parser.add_argument(
+        "--retune",
+        action="store_true",
+        help="tune keys the committed file already has, and replace them",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON file to merge into (default: autotune_cache/<gpu>.json)",
+    )
     return parser.parse_args(argv)
 
 
@@ -80,16 +89,21 @@ def merge_configs(committed: dict, tuned: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available() or _runtime.interpreting():
-        print("python -m triton_chunkkv.autotune_cache needs a CUDA GPU (and TRITON_INTERPRET "
-              "unset): it tunes the kernels on the GPU whose configs it writes.",
-              file=sys.stderr)
+        print(
+            "python -m triton_chunkkv.autotune_cache needs a CUDA GPU (and TRITON_INTERPRET "
+            "unset): it tunes the kernels on the GPU whose configs it writes.",
+            file=sys.stderr,
+        )
         return 2
     output = args.output or _runtime.CACHE_DIR / f"{_runtime.gpu_name()}.json"
     print(f"tuning on {torch.cuda.get_device_name()} -> {output}")
 
     # Without --retune, keys in the committed file launch from it, so they are kept as they are.
-    ignore_committed = (mock.patch.object(_runtime, "committed_configs", lambda name: {})
-                        if args.retune else contextlib.nullcontext())
+    ignore_committed = (
+        mock.patch.object(_runtime, "committed_configs", lambda name: {})
+        if args.retune
+        else contextlib.nullcontext()
+    )
     torch.manual_seed(0)
     with ignore_committed:
         for model in args.models:

@@ -63,8 +63,9 @@ class Recorder:
 _RECORDER: Recorder | None = None
 
 
-def visible_keys(q_len: int, kv_len: int, key_start, device, *,
-                 sdpa: bool = True) -> torch.Tensor | None:
+def visible_keys(
+    q_len: int, kv_len: int, key_start, device, *, sdpa: bool = True
+) -> torch.Tensor | None:
     """bool ``[C or 1, 1, q, kv]`` (True: attend). Query ``i`` sits at cache index
     ``kv - q + i`` and sees the keys up to it, from its row's ``key_start`` on. With ``sdpa``,
     ``None`` where SDPA needs no mask (one query, or its top-left causal flag is exact)."""
@@ -89,13 +90,16 @@ def exact_attention(query, key, value, scaling, mask):
     return probs, probs @ value.float().repeat_interleave(group, dim=1)
 
 
-def eval_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                   **kwargs):
+def eval_attention(
+    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs
+):
     """``AttentionInterface`` entry, active inside :func:`recording`."""
     recorder = _RECORDER
     if recorder is None:
-        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside "
-                           "triton_chunkkv.eval.engine.recording(model)")
+        raise RuntimeError(
+            f"attn_implementation={ATTENTION_NAME!r} only works inside "
+            "triton_chunkkv.eval.engine.recording(model)"
+        )
     layer = module.layer_idx
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     recorder.scaling = scaling
@@ -103,8 +107,9 @@ def eval_attention(module, query, key, value, attention_mask=None, scaling=None,
         recorder.queries[layer], recorder.keys[layer], recorder.values[layer] = query, key, value
     q_len = query.shape[2]
     # transformers builds no mask for an unregistered implementation: attention_mask is None.
-    mask = visible_keys(q_len, key.shape[2], recorder.key_start.get(layer), query.device,
-                        sdpa=not recorder.exact)
+    mask = visible_keys(
+        q_len, key.shape[2], recorder.key_start.get(layer), query.device, sdpa=not recorder.exact
+    )
     if recorder.exact:
         probs, out = exact_attention(query, key, value, scaling, mask)
         recorder.probs[layer], recorder.outputs[layer] = probs, out
@@ -157,8 +162,14 @@ def prefill(model, input_ids: torch.Tensor) -> Prefill:
     with recording(model, Recorder(capture_qkv=True)) as rec:
         logits = model(input_ids, use_cache=False, logits_to_keep=1).logits
     layers = range(len(rec.keys))
-    return Prefill(input_ids, [rec.queries[i] for i in layers], [rec.keys[i] for i in layers],
-                   [rec.values[i] for i in layers], int(logits[0, -1].argmax()), rec.scaling)
+    return Prefill(
+        input_ids,
+        [rec.queries[i] for i in layers],
+        [rec.keys[i] for i in layers],
+        [rec.values[i] for i in layers],
+        int(logits[0, -1].argmax()),
+        rec.scaling,
+    )
 
 
 def select_layers(pre: Prefill, policy: Policy, budgets) -> list[list[Selection | None]]:
@@ -172,10 +183,17 @@ def select_layers(pre: Prefill, policy: Policy, budgets) -> list[list[Selection 
         if T < window:  # the prompt fits in the observation window: nothing to score
             per_layer.append([None] * len(budgets))
             continue
-        q_obs = pre.queries[layer][:, :, T - window:] if window else None
-        per_layer.append(policy.select_many(q_obs, pre.keys[layer], budgets=budgets,
-                                            layer=layer, num_layers=pre.num_layers,
-                                            scaling=pre.scaling))
+        q_obs = pre.queries[layer][:, :, T - window :] if window else None
+        per_layer.append(
+            policy.select_many(
+                q_obs,
+                pre.keys[layer],
+                budgets=budgets,
+                layer=layer,
+                num_layers=pre.num_layers,
+                scaling=pre.scaling,
+            )
+        )
     return [list(selections) for selections in zip(*per_layer)]
 
 
@@ -184,8 +202,9 @@ def compact(pre: Prefill, selections) -> list[tuple[torch.Tensor, torch.Tensor]]
     out = []
     for k, v, selection in zip(pre.keys, pre.values, selections):
         if selection is not None:
-            k, v = ops.gather_chunks(k, v, selection.chunk_idx, selection.chunk_size,
-                                     selection.tail_start)
+            k, v = ops.gather_chunks(
+                k, v, selection.chunk_idx, selection.chunk_size, selection.tail_start
+            )
         out.append((k, v))
     return out
 
@@ -194,8 +213,9 @@ def kept_positions(selection: Selection | None, seq_len: int, device) -> torch.T
     """int64 ``[1, Hkv or 1, kept]``: the prompt positions a layer keeps, in cache order."""
     if selection is None:
         return torch.arange(seq_len, device=device)[None, None]
-    return reference.kept_positions(selection.chunk_idx, selection.chunk_size,
-                                    selection.tail_start, seq_len)
+    return reference.kept_positions(
+        selection.chunk_idx, selection.chunk_size, selection.tail_start, seq_len
+    )
 
 
 def stack_caches(caches) -> tuple[list, dict]:
@@ -218,7 +238,7 @@ def until_stop(tokens: list[int], stop_ids) -> list[int]:
     """``tokens`` up to and including the first stop token."""
     for i, token in enumerate(tokens):
         if token in stop_ids:
-            return tokens[:i + 1]
+            return tokens[: i + 1]
     return tokens
 
 
@@ -235,8 +255,13 @@ def greedy_decode(model, pre: Prefill, caches, max_new_tokens: int, stop_ids=())
             if stop_ids and all(any(t in stop_ids for t in row) for row in rows):
                 break
             last = torch.tensor([[row[-1]] for row in rows], device=device)
-            logits = model(last, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
-                           position_ids=torch.full_like(last, position)).logits
+            logits = model(
+                last,
+                **cache_kwargs(model, cache),
+                use_cache=True,
+                logits_to_keep=1,
+                position_ids=torch.full_like(last, position),
+            ).logits
             for row, token in zip(rows, logits[:, -1].argmax(dim=-1).tolist()):
                 row.append(token)
     return [until_stop(row, stop_ids) for row in rows]
@@ -265,15 +290,28 @@ def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
     tokens = torch.tensor([continuation] * len(caches), device=device)
     positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)
     with recording(model, Recorder(exact=True, key_start=key_start)) as rec:
-        model(tokens, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
-              position_ids=positions)
+        model(
+            tokens,
+            **cache_kwargs(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            position_ids=positions,
+        )
     traces = []
     for row in range(len(caches)):
-        pad = [int(key_start[layer][row]) if layer in key_start else 0
-               for layer in range(pre.num_layers)]
-        traces.append(Trace(
-            [rec.probs[layer][row:row + 1, ..., pad[layer]:] for layer in range(pre.num_layers)],
-            [rec.outputs[layer][row:row + 1] for layer in range(pre.num_layers)],
-            [rec.keys[layer][row:row + 1] for layer in range(pre.num_layers)],
-            [rec.values[layer][row:row + 1] for layer in range(pre.num_layers)]))
+        pad = [
+            int(key_start[layer][row]) if layer in key_start else 0
+            for layer in range(pre.num_layers)
+        ]
+        traces.append(
+            Trace(
+                [
+                    rec.probs[layer][row : row + 1, ..., pad[layer] :]
+                    for layer in range(pre.num_layers)
+                ],
+                [rec.outputs[layer][row : row + 1] for layer in range(pre.num_layers)],
+                [rec.keys[layer][row : row + 1] for layer in range(pre.num_layers)],
+                [rec.values[layer][row : row + 1] for layer in range(pre.num_layers)],
+            )
+        )
     return traces

@@ -20,8 +20,7 @@ def byte_tokenizer():
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {char: i for i, char in enumerate(sorted(alphabet))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                       use_regex=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
@@ -31,11 +30,19 @@ def tiny_random_model(seed: int = 0, num_layers: int = 4, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=num_layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                         pad_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval(), tokenizer
 
@@ -54,10 +61,13 @@ def load_model(name: str = DEFAULT_MODEL, *, device="cpu", dtype=torch.float32, 
 
     path = Path(name)
     if not path.exists():
-        raise ValueError(f"model must be {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a local HF folder or a "
-                         f".gguf file, got {name!r} (nothing is downloaded)")
-    folder, options = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (
-        path, {})
+        raise ValueError(
+            f"model must be {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a local HF folder or a "
+            f".gguf file, got {name!r} (nothing is downloaded)"
+        )
+    folder, options = (
+        (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **options)
     tokenizer = AutoTokenizer.from_pretrained(folder, **options)
     return model.to(device).eval(), tokenizer

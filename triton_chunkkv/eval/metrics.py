@@ -34,8 +34,12 @@ def first_number(text: str) -> str | None:
 
 def first_candidate(text: str, candidates) -> str | None:
     """The candidate mentioned first in ``text`` (whole words, case-insensitive)."""
-    hits = [(m.start(), c) for c in candidates
-            for m in [re.search(rf"\b{re.escape(c)}\b", text, flags=re.IGNORECASE)] if m]
+    hits = [
+        (m.start(), c)
+        for c in candidates
+        for m in [re.search(rf"\b{re.escape(c)}\b", text, flags=re.IGNORECASE)]
+        if m
+    ]
     return min(hits)[1] if hits else None
 
 
@@ -71,10 +75,15 @@ def layer_fidelity(full: Trace, compressed: Trace, selections, seq_len: int) -> 
     out = {"attn_output_l1": [], "kv_l1": [], "attn_cosine": []}
     for layer, selection in enumerate(selections):
         out["attn_output_l1"].append(
-            (compressed.outputs[layer] - full.outputs[layer]).abs().mean().item())
-        out["kv_l1"].append(0.5 * ((compressed.keys[layer] - full.keys[layer]).abs().mean()
-                                   + (compressed.values[layer] - full.values[layer]).abs().mean()
-                                   ).item())
+            (compressed.outputs[layer] - full.outputs[layer]).abs().mean().item()
+        )
+        out["kv_l1"].append(
+            0.5
+            * (
+                (compressed.keys[layer] - full.keys[layer]).abs().mean()
+                + (compressed.values[layer] - full.values[layer]).abs().mean()
+            ).item()
+        )
         positions = kept_positions(selection, seq_len, full.probs[layer].device)
         spread = spread_probs(compressed.probs[layer], positions, seq_len)
         cosine = torch.nn.functional.cosine_similarity(spread, full.probs[layer].float(), dim=-1)

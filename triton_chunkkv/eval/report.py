@@ -8,9 +8,11 @@ from statistics import mean
 
 from .runner import RESULTS_FILE, RUN_FILE, read_results
 
-FIDELITY = (("attn_output_l1", "attention output L1 (lower is better)"),
-            ("attn_cosine", "attention cosine similarity (higher is better)"),
-            ("kv_l1", "continuation K/V L1 (lower is better)"))
+FIDELITY = (
+    ("attn_output_l1", "attention output L1 (lower is better)"),
+    ("attn_cosine", "attention cosine similarity (higher is better)"),
+    ("kv_l1", "continuation K/V L1 (lower is better)"),
+)
 
 
 def percent(values) -> str:
@@ -44,12 +46,24 @@ def accuracy_tables(records, methods, ratios, tasks) -> str:
     for task in [*tasks, None]:
         subset = [r for r in records if task is None or r["task"] == task]
         prompts = len({r["example_id"] for r in subset})
-        title = f"### {task} ({prompts} prompts)" if task else \
-            f"### All tasks ({prompts} prompts, mean over prompts)"
-        rows = [[f"`{m}`"] + [percent(accuracy(subset, method=m, ratio=None if m == "fullkv"
-                                                else r)) for r in ratios] for m in methods]
-        out.append(title + "\n\n" + markdown_table(
-            ["method"] + [f"{ratio_label(r)} of the cache" for r in ratios], rows))
+        title = (
+            f"### {task} ({prompts} prompts)"
+            if task
+            else f"### All tasks ({prompts} prompts, mean over prompts)"
+        )
+        rows = [
+            [f"`{m}`"]
+            + [
+                percent(accuracy(subset, method=m, ratio=None if m == "fullkv" else r))
+                for r in ratios
+            ]
+            for m in methods
+        ]
+        out.append(
+            title
+            + "\n\n"
+            + markdown_table(["method"] + [f"{ratio_label(r)} of the cache" for r in ratios], rows)
+        )
     return "\n\n".join(out)
 
 
@@ -63,8 +77,12 @@ def passkey_length_table(records, methods, ratios) -> str:
     for m in methods:
         cells = []
         for length in lengths:
-            per_ratio = [percent(accuracy(subset, method=m, length=length,
-                                          ratio=None if m == "fullkv" else r)) for r in ratios]
+            per_ratio = [
+                percent(
+                    accuracy(subset, method=m, length=length, ratio=None if m == "fullkv" else r)
+                )
+                for r in ratios
+            ]
             cells.append(per_ratio[0] if m == "fullkv" else " / ".join(per_ratio))
         rows.append([f"`{m}`"] + cells)
     return markdown_table(["method"] + [f"~{n} tokens" for n in lengths], rows)
@@ -74,24 +92,39 @@ def fidelity_table(records, methods, ratios) -> str:
     rows = []
     for m in methods:
         for r in ratios:
-            subset = [x for x in records if x["method"] == m and x["ratio"] == r
-                      and "attn_cosine" in x]
+            subset = [
+                x for x in records if x["method"] == m and x["ratio"] == r and "attn_cosine" in x
+            ]
             if not subset:
                 continue
             cells = [f"{mean(mean(x[key]) for x in subset):.4f}" for key, _ in FIDELITY]
             jaccard = [v for x in subset for v in x["adjacent_jaccard"] if v is not None]
-            rows.append([f"`{m}`", ratio_label(r), *cells,
-                         f"{mean(jaccard):.3f}" if jaccard else "–"])
+            rows.append(
+                [f"`{m}`", ratio_label(r), *cells, f"{mean(jaccard):.3f}" if jaccard else "–"]
+            )
     if not rows:
         return ""
-    return markdown_table(["method", "budget", "attn output L1 ↓", "attn cosine ↑",
-                           "continuation K/V L1 ↓", "adjacent-layer Jaccard"], rows)
+    return markdown_table(
+        [
+            "method",
+            "budget",
+            "attn output L1 ↓",
+            "attn cosine ↑",
+            "continuation K/V L1 ↓",
+            "adjacent-layer Jaccard",
+        ],
+        rows,
+    )
 
 
 def per_layer_mean(records, key) -> list[float]:
     columns = list(zip(*[r[key] for r in records]))
-    return [mean(v for v in column if v is not None) if any(v is not None for v in column)
-            else float("nan") for column in columns]
+    return [
+        mean(v for v in column if v is not None)
+        if any(v is not None for v in column)
+        else float("nan")
+        for column in columns
+    ]
 
 
 def method_colors(methods) -> dict:
@@ -107,20 +140,35 @@ def plot_accuracy(records, methods, ratios, tasks, path: Path) -> None:
 
     colors = method_colors(methods)
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks) + 2.5, 3.8),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(4.2 * len(tasks) + 2.5, 3.8), squeeze=False, layout="constrained"
+    )
     x = [100 * r for r in ratios]
     for ax, task in zip(axes[0], tasks):
         subset = [r for r in records if r["task"] == task]
         for m in methods:
             if m == "fullkv":
-                ax.axhline(100 * mean(accuracy(subset, method=m) or [0]), color="black",
-                           linestyle="--", label="fullkv")
+                ax.axhline(
+                    100 * mean(accuracy(subset, method=m) or [0]),
+                    color="black",
+                    linestyle="--",
+                    label="fullkv",
+                )
                 continue
-            ax.plot(x, [100 * mean(accuracy(subset, method=m, ratio=r) or [0]) for r in ratios],
-                    marker="o", label=m, color=colors[m])
-        ax.set(title=task, xlabel="KV cache kept (%)", ylabel="exact match (%)", xticks=x,
-               ylim=(-5, 105))
+            ax.plot(
+                x,
+                [100 * mean(accuracy(subset, method=m, ratio=r) or [0]) for r in ratios],
+                marker="o",
+                label=m,
+                color=colors[m],
+            )
+        ax.set(
+            title=task,
+            xlabel="KV cache kept (%)",
+            ylabel="exact match (%)",
+            xticks=x,
+            ylim=(-5, 105),
+        )
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -136,21 +184,37 @@ def plot_passkey_heatmaps(records, methods, ratio, path: Path) -> bool:
     depths = sorted({r["depth"] for r in subset})
     cols = min(len(methods), 4)
     rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[len(methods):]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(methods) :]:
         ax.axis("off")
     for ax, m in zip(axes.flat, methods):
-        grid = [[mean(accuracy(subset, method=m, length=n, depth=d,
-                               ratio=None if m == "fullkv" else ratio) or [float("nan")])
-                 for n in lengths] for d in depths]
+        grid = [
+            [
+                mean(
+                    accuracy(
+                        subset, method=m, length=n, depth=d, ratio=None if m == "fullkv" else ratio
+                    )
+                    or [float("nan")]
+                )
+                for n in lengths
+            ]
+            for d in depths
+        ]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for row, values in enumerate(grid):
             for col, value in enumerate(values):
                 ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=7)
-        ax.set(title=m, xticks=range(len(lengths)), xticklabels=lengths,
-               yticks=range(len(depths)), yticklabels=[f"{d:g}" for d in depths],
-               xlabel="prompt tokens", ylabel="depth")
+        ax.set(
+            title=m,
+            xticks=range(len(lengths)),
+            xticklabels=lengths,
+            yticks=range(len(depths)),
+            yticklabels=[f"{d:g}" for d in depths],
+            xlabel="prompt tokens",
+            ylabel="depth",
+        )
         ax.title.set_fontsize(8)
     fig.colorbar(image, ax=axes, shrink=0.6, label="exact match")
     fig.suptitle(f"pass-key retrieval at {ratio_label(ratio)} of the cache")
@@ -164,8 +228,10 @@ def plot_fidelity(records, methods, ratio, path: Path) -> bool:
 
     colors = method_colors(["fullkv", *methods])
 
-    per_method = {m: [r for r in records if r["method"] == m and r["ratio"] == ratio
-                      and "attn_cosine" in r] for m in methods}
+    per_method = {
+        m: [r for r in records if r["method"] == m and r["ratio"] == ratio and "attn_cosine" in r]
+        for m in methods
+    }
     per_method = {m: rs for m, rs in per_method.items() if rs}
     if not per_method:
         return False
@@ -208,8 +274,7 @@ def write_report(results_dir: Path) -> Path:
             plots.append((f"Pass-key accuracy by length and depth, {ratio_label(ratio)}", name))
     for ratio in ratios:
         name = f"fidelity_layers_{round(100 * ratio)}.png"
-        if plot_fidelity(records, [m for m in methods if m != "fullkv"], ratio,
-                         results_dir / name):
+        if plot_fidelity(records, [m for m in methods if m != "fullkv"], ratio, results_dir / name):
             plots.append((f"Per-layer fidelity, {ratio_label(ratio)}", name))
 
     seconds = sum({r["example_id"]: r["prompt_seconds"] for r in records}.values())
@@ -227,15 +292,21 @@ def write_report(results_dir: Path) -> Path:
     sections = ["## Accuracy", accuracy_tables(records, methods, ratios, tasks)]
     by_length = passkey_length_table(records, methods, ratios)
     if by_length:
-        sections += ["## Pass-key accuracy by context length",
-                     "Cells: " + " / ".join(ratio_label(r) for r in ratios)
-                     + " of the cache (`fullkv`: one value).", by_length]
+        sections += [
+            "## Pass-key accuracy by context length",
+            "Cells: "
+            + " / ".join(ratio_label(r) for r in ratios)
+            + " of the cache (`fullkv`: one value).",
+            by_length,
+        ]
     fidelity = fidelity_table(records, methods, ratios)
     if fidelity:
-        sections += ["## Fidelity to the full cache",
-                     "Means over layers and prompts; definitions in `docs/EVAL.md`.", fidelity]
+        sections += [
+            "## Fidelity to the full cache",
+            "Means over layers and prompts; definitions in `docs/EVAL.md`.",
+            fidelity,
+        ]
     sections += ["## Plots"] + [f"### {title}\n\n![{title}]({name})" for title, name in plots]
     path = results_dir / "report.md"
     path.write_text("\n".join(header) + "\n\n" + "\n\n".join(sections) + "\n")
     return path
-

@@ -104,8 +104,9 @@ def check_resume(out_dir: Path, run_info: dict) -> None:
         changed = [f for f in RESUME_FIELDS if before.get(f) != run_info.get(f)]
         if changed:
             was = ", ".join(f"{f}={before.get(f)!r}" for f in changed)
-            raise ValueError(f"{out_dir} holds results of another run ({was}): pass a new --out "
-                             "folder")
+            raise ValueError(
+                f"{out_dir} holds results of another run ({was}): pass a new --out folder"
+            )
         return
     path.write_text(json.dumps(run_info, indent=2) + "\n")
 
@@ -116,11 +117,16 @@ def generate_with_adapter(model, input_ids, policy, budget, max_new_tokens, stop
 
     with chunkkv(model, budget=budget, policy=policy) as state, torch.no_grad():
         policy.on_prompt(input_ids)
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=sorted(stop_ids), pad_token_id=min(stop_ids))
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stop_ids),
+            pad_token_id=min(stop_ids),
+        )
     state.require_prefill()
-    return list(state.selections), out[0, input_ids.shape[1]:].tolist()
+    return list(state.selections), out[0, input_ids.shape[1] :].tolist()
 
 
 class Run(NamedTuple):
@@ -138,13 +144,25 @@ def in_batches(fn, model, pre, caches, max_batch: int, *args) -> list:
     """``fn(model, pre, caches, *args)`` over groups of at most ``max_batch`` caches."""
     out = []
     for first in range(0, len(caches), max_batch):
-        out += fn(model, pre, caches[first:first + max_batch], *args)
+        out += fn(model, pre, caches[first : first + max_batch], *args)
     return out
 
 
-def evaluate(model, tokenizer, examples: list[Example], methods: list[Method], ratios,
-             out_dir: Path, *, run_info: dict, chat: bool = True, fidelity: bool = True,
-             engine: str = "shared", max_batch: int = 16, progress: bool = True) -> Path:
+def evaluate(
+    model,
+    tokenizer,
+    examples: list[Example],
+    methods: list[Method],
+    ratios,
+    out_dir: Path,
+    *,
+    run_info: dict,
+    chat: bool = True,
+    fidelity: bool = True,
+    engine: str = "shared",
+    max_batch: int = 16,
+    progress: bool = True,
+) -> Path:
     """Runs every example with ``fullkv`` once and every other method at every ratio, appending
     to ``out_dir/results.jsonl`` (returned)."""
     from tqdm.auto import tqdm
@@ -157,18 +175,32 @@ def evaluate(model, tokenizer, examples: list[Example], methods: list[Method], r
     device = next(model.parameters()).device
 
     def todo_for(example):
-        return [(m, r) for m in methods for r in ([None] if m.name == "fullkv" else ratios)
-                if result_key(example.example_id, m.label, r) not in done]
+        return [
+            (m, r)
+            for m in methods
+            for r in ([None] if m.name == "fullkv" else ratios)
+            if result_key(example.example_id, m.label, r) not in done
+        ]
 
     plan = [(example, todo_for(example)) for example in examples if todo_for(example)]
-    bar = tqdm(total=sum(len(todo) for _, todo in plan), disable=not progress, unit="run",
-               desc="eval")
+    bar = tqdm(
+        total=sum(len(todo) for _, todo in plan), disable=not progress, unit="run", desc="eval"
+    )
     with path.open("a") as results:
         for example, todo in plan:
             bar.set_postfix_str(example.example_id)
             input_ids = torch.tensor([prompt_ids(example, tokenizer, chat)], device=device)
-            for record in run_prompt(model, tokenizer, example, input_ids, todo, stop_ids,
-                                     engine=engine, fidelity=fidelity, max_batch=max_batch):
+            for record in run_prompt(
+                model,
+                tokenizer,
+                example,
+                input_ids,
+                todo,
+                stop_ids,
+                engine=engine,
+                fidelity=fidelity,
+                max_batch=max_batch,
+            ):
                 results.write(json.dumps(record) + "\n")
             results.flush()
             bar.update(len(todo))
@@ -176,8 +208,9 @@ def evaluate(model, tokenizer, examples: list[Example], methods: list[Method], r
     return path
 
 
-def run_prompt(model, tokenizer, example, input_ids, todo, stop_ids, *, engine, fidelity,
-               max_batch) -> list[dict]:
+def run_prompt(
+    model, tokenizer, example, input_ids, todo, stop_ids, *, engine, fidelity, max_batch
+) -> list[dict]:
     """The records of one prompt: every (method, ratio) of ``todo`` selects on the shared
     prefill, then all decode as batches beside the full cache (row 0), whose greedy answer is
     also the continuation the fidelity metrics trace."""
@@ -190,48 +223,69 @@ def run_prompt(model, tokenizer, example, input_ids, todo, stop_ids, *, engine, 
     for method, ratio in todo:
         by_method.setdefault(method, []).append(ratio)
     for method, ratios in by_method.items():
-        budgets = [T if ratio is None else reference.resolve_budget(T, ratio=ratio)
-                   for ratio in ratios]
+        budgets = [
+            T if ratio is None else reference.resolve_budget(T, ratio=ratio) for ratio in ratios
+        ]
         select_start = time.perf_counter()
         if method.name == "fullkv":
             chosen = [(keep_all, None)]
         elif engine == "adapter":
-            chosen = [generate_with_adapter(model, input_ids, method.policy(tokenizer), budget,
-                                            example.max_new_tokens, stop_ids)
-                      for budget in budgets]
+            chosen = [
+                generate_with_adapter(
+                    model,
+                    input_ids,
+                    method.policy(tokenizer),
+                    budget,
+                    example.max_new_tokens,
+                    stop_ids,
+                )
+                for budget in budgets
+            ]
         else:
-            chosen = [(selections, None) for selections in
-                      eng.select_layers(pre, method.policy(tokenizer), budgets)]
+            chosen = [
+                (selections, None)
+                for selections in eng.select_layers(pre, method.policy(tokenizer), budgets)
+            ]
         seconds = (time.perf_counter() - select_start) / len(ratios)
-        runs += [Run(method, ratio, budget, selections, tokens, seconds)
-                 for ratio, budget, (selections, tokens) in zip(ratios, budgets, chosen)]
+        runs += [
+            Run(method, ratio, budget, selections, tokens, seconds)
+            for ratio, budget, (selections, tokens) in zip(ratios, budgets, chosen)
+        ]
 
     # Row 0 is the full cache; fullkv results read it instead of a row of their own.
     compressed = [run for run in runs if run.method.name != "fullkv"]
     rows = {id(run): row for row, run in enumerate(compressed, start=1)}
-    caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections)
-                                             for run in compressed]
-    decoded = in_batches(eng.greedy_decode, model, pre, caches, max_batch,
-                         example.max_new_tokens, stop_ids)
+    caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections) for run in compressed]
+    decoded = in_batches(
+        eng.greedy_decode, model, pre, caches, max_batch, example.max_new_tokens, stop_ids
+    )
     full_tokens = decoded[0]
-    traces = (in_batches(eng.trace, model, pre, caches, max_batch, full_tokens) if fidelity
-              else None)
+    traces = in_batches(eng.trace, model, pre, caches, max_batch, full_tokens) if fidelity else None
     prompt_seconds = round(time.perf_counter() - start, 3)
 
     records = []
     for run in runs:
         row = rows.get(id(run), 0)
-        text = tokenizer.decode(decoded[row] if run.tokens is None else run.tokens,
-                                skip_special_tokens=True)
+        text = tokenizer.decode(
+            decoded[row] if run.tokens is None else run.tokens, skip_special_tokens=True
+        )
         extracted = extracted_answer(example, text)
         record = {
-            "task": example.task, "example_id": example.example_id, "length": example.length,
-            "depth": example.depth, "prompt_tokens": T, "method": run.method.label,
-            "ratio": run.ratio, "budget": run.budget,
+            "task": example.task,
+            "example_id": example.example_id,
+            "length": example.length,
+            "depth": example.depth,
+            "prompt_tokens": T,
+            "method": run.method.label,
+            "ratio": run.ratio,
+            "budget": run.budget,
             "kept_tokens": [kept_length(s, T) for s in run.selections],
-            "answer": example.answer, "prediction": text, "extracted": extracted,
+            "answer": example.answer,
+            "prediction": text,
+            "extracted": extracted,
             "correct": extracted == example.answer,
-            "select_seconds": round(run.select_seconds, 3), "prompt_seconds": prompt_seconds,
+            "select_seconds": round(run.select_seconds, 3),
+            "prompt_seconds": prompt_seconds,
         }
         if traces is not None and run.method.name != "fullkv":
             record.update(layer_fidelity(traces[0], traces[row], run.selections, T))

@@ -32,40 +32,140 @@ TASKS = ("passkey", "multikey", "multidoc", "arithmetic")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 SUBJECTS = (
-    "The old lighthouse", "A quiet village", "The river", "My neighbour", "The city library",
-    "A small bakery", "The mountain trail", "The museum", "An old sailor", "The school garden",
-    "The night train", "A travelling musician", "The harbour market", "The forest ranger",
-    "Our football team", "The village council", "A young painter", "The clock tower",
-    "The weather station", "A family of farmers",
+    "The old lighthouse",
+    "A quiet village",
+    "The river",
+    "My neighbour",
+    "The city library",
+    "A small bakery",
+    "The mountain trail",
+    "The museum",
+    "An old sailor",
+    "The school garden",
+    "The night train",
+    "A travelling musician",
+    "The harbour market",
+    "The forest ranger",
+    "Our football team",
+    "The village council",
+    "A young painter",
+    "The clock tower",
+    "The weather station",
+    "A family of farmers",
 )
 PREDICATES = (
-    "was built long before the railway arrived", "opens early on most weekday mornings",
-    "attracts visitors from the nearby towns", "was repaired after the storm last winter",
-    "keeps a record of every event in a thick notebook", "is known for its patient staff",
-    "changes its schedule when the season turns", "has a view over the green valley",
-    "collected money for a new roof", "was painted blue a few years ago",
-    "hosts a small festival every autumn", "runs slowly when it rains",
-    "sells bread, cheese and dried fruit", "moved to a larger building in the spring",
-    "needs more volunteers for the summer", "received a prize for its careful work",
-    "stays quiet during the long afternoons", "was mentioned in the regional newspaper",
-    "trains new apprentices every year", "lends old maps to curious students",
+    "was built long before the railway arrived",
+    "opens early on most weekday mornings",
+    "attracts visitors from the nearby towns",
+    "was repaired after the storm last winter",
+    "keeps a record of every event in a thick notebook",
+    "is known for its patient staff",
+    "changes its schedule when the season turns",
+    "has a view over the green valley",
+    "collected money for a new roof",
+    "was painted blue a few years ago",
+    "hosts a small festival every autumn",
+    "runs slowly when it rains",
+    "sells bread, cheese and dried fruit",
+    "moved to a larger building in the spring",
+    "needs more volunteers for the summer",
+    "received a prize for its careful work",
+    "stays quiet during the long afternoons",
+    "was mentioned in the regional newspaper",
+    "trains new apprentices every year",
+    "lends old maps to curious students",
 )
 CLAUSES = (
-    "", "", "", " according to the locals", " without much fuss", " as everyone expected",
-    " despite the cold weather", " for reasons nobody remembers", " in the early days",
+    "",
+    "",
+    "",
+    " according to the locals",
+    " without much fuss",
+    " as everyone expected",
+    " despite the cold weather",
+    " for reasons nobody remembers",
+    " in the early days",
 )
-COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "white",
-           "black")
-NAMES = ("Alice", "Bruno", "Carmen", "Dmitri", "Elena", "Farid", "Greta", "Hiroshi", "Ines",
-         "Jonas", "Kamala", "Lars", "Mona", "Nikolai", "Olga", "Pedro", "Quentin", "Rosa",
-         "Sven", "Tariq")
-CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Dublin", "Vienna", "Hanoi", "Cairo", "Quito",
-          "Prague", "Madrid", "Helsinki", "Seoul", "Athens", "Warsaw", "Havana", "Tunis", "Bern",
-          "Riga", "Manila")
-JOBS = ("teacher", "baker", "nurse", "pilot", "carpenter", "chemist", "gardener", "lawyer",
-        "engineer", "librarian")
-HOBBIES = ("chess", "sailing", "painting", "cycling", "birdwatching", "pottery", "climbing",
-           "knitting", "photography", "gardening")
+COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "silver",
+    "golden",
+    "white",
+    "black",
+)
+NAMES = (
+    "Alice",
+    "Bruno",
+    "Carmen",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hiroshi",
+    "Ines",
+    "Jonas",
+    "Kamala",
+    "Lars",
+    "Mona",
+    "Nikolai",
+    "Olga",
+    "Pedro",
+    "Quentin",
+    "Rosa",
+    "Sven",
+    "Tariq",
+)
+CITIES = (
+    "Lisbon",
+    "Oslo",
+    "Nairobi",
+    "Lima",
+    "Dublin",
+    "Vienna",
+    "Hanoi",
+    "Cairo",
+    "Quito",
+    "Prague",
+    "Madrid",
+    "Helsinki",
+    "Seoul",
+    "Athens",
+    "Warsaw",
+    "Havana",
+    "Tunis",
+    "Bern",
+    "Riga",
+    "Manila",
+)
+JOBS = (
+    "teacher",
+    "baker",
+    "nurse",
+    "pilot",
+    "carpenter",
+    "chemist",
+    "gardener",
+    "lawyer",
+    "engineer",
+    "librarian",
+)
+HOBBIES = (
+    "chess",
+    "sailing",
+    "painting",
+    "cycling",
+    "birdwatching",
+    "pottery",
+    "climbing",
+    "knitting",
+    "photography",
+    "gardening",
+)
 ITEMS = ("apples", "pencils", "marbles", "stamps", "cookies", "books", "shells", "candles")
 
 
@@ -121,8 +221,9 @@ def haystack(rng, tokenizer, num_tokens: int) -> list[str]:
 
 
 def join_sentences(sentences: list[str], per_paragraph: int = 6) -> str:
-    paragraphs = [" ".join(sentences[i:i + per_paragraph])
-                  for i in range(0, len(sentences), per_paragraph)]
+    paragraphs = [
+        " ".join(sentences[i : i + per_paragraph]) for i in range(0, len(sentences), per_paragraph)
+    ]
     return "\n\n".join(paragraphs)
 
 
@@ -134,8 +235,9 @@ def insert_at_depths(sentences: list[str], needles: list[tuple[float, str]]) -> 
     return out
 
 
-def passkey(tokenizer, *, length: int, depth: float, index: int, seed: int,
-            overhead: int) -> Example:
+def passkey(
+    tokenizer, *, length: int, depth: float, index: int, seed: int, overhead: int
+) -> Example:
     rng = example_rng(seed, "passkey", length, depth, index)
     key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
@@ -143,43 +245,62 @@ def passkey(tokenizer, *, length: int, depth: float, index: int, seed: int,
     budget = length - overhead - count_tokens(tokenizer, intro + " " + needle)
     sentences = insert_at_depths(haystack(rng, tokenizer, budget), [(depth, needle)])
     return Example(
-        task="passkey", example_id=f"passkey-{length}-d{depth:g}-{index}",
+        task="passkey",
+        example_id=f"passkey-{length}-d{depth:g}-{index}",
         context=intro + "\n\n" + join_sentences(sentences),
         question="What is the pass key? Answer with the number only.",
-        answer_prefix="The pass key is", answer=key, scoring="first_number", length=length,
-        depth=depth, seed=seed, max_new_tokens=8)
+        answer_prefix="The pass key is",
+        answer=key,
+        scoring="first_number",
+        length=length,
+        depth=depth,
+        seed=seed,
+        max_new_tokens=8,
+    )
 
 
-def multikey(tokenizer, *, length: int, index: int, seed: int, overhead: int,
-             num_keys: int = 2) -> Example:
+def multikey(
+    tokenizer, *, length: int, index: int, seed: int, overhead: int, num_keys: int = 2
+) -> Example:
     rng = example_rng(seed, "multikey", length, index)
     colours = rng.sample(COLOURS, num_keys)
     keys = [str(k) for k in rng.sample(range(10000, 100000), num_keys)]
     needles = [f"The pass key for the {c} door is {k}." for c, k in zip(colours, keys)]
     depths = [rng.random() for _ in needles]
     asked = rng.randrange(num_keys)
-    intro = ("Several pass keys, one for each coloured door, are hidden inside a lot of "
-             "irrelevant text. Memorize them.")
+    intro = (
+        "Several pass keys, one for each coloured door, are hidden inside a lot of "
+        "irrelevant text. Memorize them."
+    )
     budget = length - overhead - count_tokens(tokenizer, intro + " " + " ".join(needles))
     sentences = insert_at_depths(haystack(rng, tokenizer, budget), list(zip(depths, needles)))
     return Example(
-        task="multikey", example_id=f"multikey-{length}-{index}",
+        task="multikey",
+        example_id=f"multikey-{length}-{index}",
         context=intro + "\n\n" + join_sentences(sentences),
         question=f"What is the pass key for the {colours[asked]} door? Answer with the number "
-                 "only.",
-        answer_prefix=f"The pass key for the {colours[asked]} door is", answer=keys[asked],
-        scoring="first_number", length=length, depth=round(depths[asked], 3), seed=seed,
-        max_new_tokens=8)
+        "only.",
+        answer_prefix=f"The pass key for the {colours[asked]} door is",
+        answer=keys[asked],
+        scoring="first_number",
+        length=length,
+        depth=round(depths[asked], 3),
+        seed=seed,
+        max_new_tokens=8,
+    )
 
 
-def multidoc(tokenizer, *, length: int, index: int, seed: int, overhead: int,
-             num_docs: int = 4) -> Example:
+def multidoc(
+    tokenizer, *, length: int, index: int, seed: int, overhead: int, num_docs: int = 4
+) -> Example:
     rng = example_rng(seed, "multidoc", length, index)
     people = rng.sample(NAMES, num_docs)
     cities = rng.sample(CITIES, num_docs)
     jobs = rng.sample(JOBS, num_docs)
-    facts = [f"{name} is a {job} who lives in {city}. {name} enjoys {rng.choice(HOBBIES)}."
-             for name, job, city in zip(people, jobs, cities)]
+    facts = [
+        f"{name} is a {job} who lives in {city}. {name} enjoys {rng.choice(HOBBIES)}."
+        for name, job, city in zip(people, jobs, cities)
+    ]
     asked = rng.randrange(num_docs)
     budget = length - overhead - count_tokens(tokenizer, " ".join(facts)) - 8 * num_docs
     per_doc = max(budget // num_docs, 0)
@@ -192,13 +313,20 @@ def multidoc(tokenizer, *, length: int, index: int, seed: int, overhead: int,
     # The answer prefix makes the city come a few tokens into the answer: the first generated
     # token comes from the uncompressed prefill, so it must not be the answer itself.
     return Example(
-        task="multidoc", example_id=f"multidoc-{length}-{index}",
+        task="multidoc",
+        example_id=f"multidoc-{length}-{index}",
         context="\n\n".join(docs),
         question=f"What is {name}'s job, and in which city does {name} live? Answer in one "
-                 "sentence.",
-        answer_prefix=f"{name} is a", answer=cities[asked], scoring="candidate",
-        length=length, depth=round(asked / max(num_docs - 1, 1), 3), seed=seed,
-        max_new_tokens=10, candidates=tuple(cities))
+        "sentence.",
+        answer_prefix=f"{name} is a",
+        answer=cities[asked],
+        scoring="candidate",
+        length=length,
+        depth=round(asked / max(num_docs - 1, 1), 3),
+        seed=seed,
+        max_new_tokens=10,
+        candidates=tuple(cities),
+    )
 
 
 def arithmetic_problem(rng) -> tuple[str, str, int]:
@@ -209,17 +337,25 @@ def arithmetic_problem(rng) -> tuple[str, str, int]:
     if rng.random() < 0.5:
         given = rng.randint(1, total - 1)
         result = total - given
-        question = (f"{name} has {boxes} boxes with {per_box} {item} in each box. {name} gives "
-                    f"away {given} {item}. How many {item} does {name} have left?")
-        reasoning = (f"{name} starts with {boxes} * {per_box} = {total} {item}. After giving "
-                     f"away {given}, {name} has {total} - {given} = {result} {item}.")
+        question = (
+            f"{name} has {boxes} boxes with {per_box} {item} in each box. {name} gives "
+            f"away {given} {item}. How many {item} does {name} have left?"
+        )
+        reasoning = (
+            f"{name} starts with {boxes} * {per_box} = {total} {item}. After giving "
+            f"away {given}, {name} has {total} - {given} = {result} {item}."
+        )
     else:
         extra = rng.randint(1, 20)
         result = total + extra
-        question = (f"{name} has {boxes} boxes with {per_box} {item} in each box and finds "
-                    f"{extra} more {item}. How many {item} does {name} have in total?")
-        reasoning = (f"{name} has {boxes} * {per_box} = {total} {item} in boxes. With the "
-                     f"{extra} found, {name} has {total} + {extra} = {result} {item}.")
+        question = (
+            f"{name} has {boxes} boxes with {per_box} {item} in each box and finds "
+            f"{extra} more {item}. How many {item} does {name} have in total?"
+        )
+        reasoning = (
+            f"{name} has {boxes} * {per_box} = {total} {item} in boxes. With the "
+            f"{extra} found, {name} has {total} + {extra} = {result} {item}."
+        )
     return question, f"{reasoning} The answer is {result}.", result
 
 
@@ -230,12 +366,23 @@ def arithmetic(tokenizer, *, index: int, seed: int, shots: int = 8, **_) -> Exam
         question, reasoning, _ = arithmetic_problem(rng)
         exemplars.append(f"Q: {question}\nA: {reasoning}")
     question, _, result = arithmetic_problem(rng)
-    context = ("Solve each problem step by step, then write \"The answer is\" and the number.\n\n"
-               + "\n\n".join(exemplars))
+    context = (
+        'Solve each problem step by step, then write "The answer is" and the number.\n\n'
+        + "\n\n".join(exemplars)
+    )
     return Example(
-        task="arithmetic", example_id=f"arithmetic-{shots}shot-{index}", context=context,
-        question=f"Q: {question}", answer_prefix="A:", answer=str(result), scoring="answer_is",
-        length=count_tokens(tokenizer, context), depth=None, seed=seed, max_new_tokens=48)
+        task="arithmetic",
+        example_id=f"arithmetic-{shots}shot-{index}",
+        context=context,
+        question=f"Q: {question}",
+        answer_prefix="A:",
+        answer=str(result),
+        scoring="answer_is",
+        length=count_tokens(tokenizer, context),
+        depth=None,
+        seed=seed,
+        max_new_tokens=48,
+    )
 
 
 def render_prompt(example: Example, tokenizer, chat: bool = True) -> str:
@@ -246,8 +393,9 @@ def render_prompt(example: Example, tokenizer, chat: bool = True) -> str:
     """
     user = f"{example.context}\n\n{example.question}"
     if chat and getattr(tokenizer, "chat_template", None):
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        turn = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
         return turn + example.answer_prefix
     return f"{user}\n\n{example.answer_prefix}"
 
@@ -255,15 +403,17 @@ def render_prompt(example: Example, tokenizer, chat: bool = True) -> str:
 def prompt_ids(example: Example, tokenizer, chat: bool = True) -> list[int]:
     """Token ids of :func:`render_prompt`; a chat template already holds its special tokens."""
     templated = chat and getattr(tokenizer, "chat_template", None)
-    return tokenizer.encode(render_prompt(example, tokenizer, chat),
-                            add_special_tokens=not templated)
+    return tokenizer.encode(
+        render_prompt(example, tokenizer, chat), add_special_tokens=not templated
+    )
 
 
 GENERATORS = {"passkey": passkey, "multikey": multikey, "multidoc": multidoc}
 
 
-def build_examples(tokenizer, tasks, *, lengths, depths=DEFAULT_DEPTHS, per_cell: int,
-                   seed: int, chat: bool = True) -> list[Example]:
+def build_examples(
+    tokenizer, tasks, *, lengths, depths=DEFAULT_DEPTHS, per_cell: int, seed: int, chat: bool = True
+) -> list[Example]:
     """Every example of ``tasks``: passkey ``per_cell`` times per (length, depth), multikey and
     multidoc ``per_cell`` times per length, arithmetic ``per_cell`` times.
 
@@ -283,7 +433,10 @@ def build_examples(tokenizer, tasks, *, lengths, depths=DEFAULT_DEPTHS, per_cell
         # The tokens around the context: a bare example (no filler) rendered as a prompt.
         bare = generator(tokenizer, length=0, index=0, seed=seed, overhead=0, **grid[0])
         overhead = len(prompt_ids(bare, tokenizer, chat)) - count_tokens(tokenizer, bare.context)
-        examples += [generator(tokenizer, length=length, index=index, seed=seed,
-                               overhead=overhead, **cell)
-                     for length in lengths for cell in grid for index in range(per_cell)]
+        examples += [
+            generator(tokenizer, length=length, index=index, seed=seed, overhead=overhead, **cell)
+            for length in lengths
+            for cell in grid
+            for index in range(per_cell)
+        ]
     return examples

@@ -101,9 +101,11 @@ class ChunkKVState:
         """Raises unless a prefill ran through the adapter: results of a context that
         compressed nothing must not be reported as ChunkKV's."""
         if not self.prefills:
-            raise RuntimeError(f"chunkkv compressed no prefill inside the context (transformers "
-                               f"{transformers.__version__}): the numbers would be the full "
-                               "cache's")
+            raise RuntimeError(
+                f"chunkkv compressed no prefill inside the context (transformers "
+                f"{transformers.__version__}): the numbers would be the full "
+                "cache's"
+            )
 
     def row_selection(self, layer: int, row: int) -> Selection | None:
         """Row ``row``'s selection in ``layer``, with batch dimension 1."""
@@ -112,7 +114,7 @@ class ChunkKVState:
             return entry[row]
         if entry is None:
             return None
-        return entry._replace(chunk_idx=entry.chunk_idx[row:row + 1])
+        return entry._replace(chunk_idx=entry.chunk_idx[row : row + 1])
 
     def start_prefill(self, prompt_lengths, budgets) -> None:
         self.prompt_lengths, self.budgets = prompt_lengths, budgets
@@ -133,9 +135,15 @@ class SparseIndex(NamedTuple):
 
     def select_rows(self, rows: torch.Tensor) -> SparseIndex:
         def pick(t):
-            return (t[rows] if isinstance(t, torch.Tensor) else t)
-        return SparseIndex(self.chunk_idx[rows], self.chunk_size, pick(self.tail_start),
-                           pick(self.chunk_counts), pick(self.row_offset))
+            return t[rows] if isinstance(t, torch.Tensor) else t
+
+        return SparseIndex(
+            self.chunk_idx[rows],
+            self.chunk_size,
+            pick(self.tail_start),
+            pick(self.chunk_counts),
+            pick(self.row_offset),
+        )
 
 
 class CompressedLayer(DynamicLayer):
@@ -148,8 +156,15 @@ class CompressedLayer(DynamicLayer):
     is the true sequence length.
     """
 
-    def __init__(self, keys, values, *, seq_len: int, key_start: torch.Tensor | None = None,
-                 sparse: SparseIndex | None = None):
+    def __init__(
+        self,
+        keys,
+        values,
+        *,
+        seq_len: int,
+        key_start: torch.Tensor | None = None,
+        sparse: SparseIndex | None = None,
+    ):
         super().__init__()
         self.dtype, self.device = keys.dtype, keys.device
         self.keys, self.values = keys, values
@@ -211,9 +226,13 @@ _SESSIONS: weakref.WeakKeyDictionary[torch.nn.Module, _Session] = weakref.WeakKe
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's causal self-attention modules that dispatch through ``AttentionInterface``,
     ordered by layer index."""
-    found = [m for m in model.modules()
-             if isinstance(getattr(m, "layer_idx", None), int)
-             and hasattr(m, "num_key_value_groups") and getattr(m, "is_causal", False)]
+    found = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and hasattr(m, "num_key_value_groups")
+        and getattr(m, "is_causal", False)
+    ]
     return sorted(found, key=lambda m: m.layer_idx)
 
 
@@ -222,20 +241,29 @@ def check_model(model) -> list[torch.nn.Module]:
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     config = model.config.get_text_config(decoder=True)
     modules = attention_modules(model)
-    unsupported = (getattr(model.config, "is_encoder_decoder", False) or not modules
-                   or not type(model)._can_set_attn_implementation())
+    unsupported = (
+        getattr(model.config, "is_encoder_decoder", False)
+        or not modules
+        or not type(model)._can_set_attn_implementation()
+    )
     if unsupported:
-        raise ValueError(f"model ({type(model).__name__}) has no causal self-attention that "
-                         "dispatches through transformers' AttentionInterface; supported: "
-                         "decoder-only models such as Llama, Qwen2 and Mistral")
+        raise ValueError(
+            f"model ({type(model).__name__}) has no causal self-attention that "
+            "dispatches through transformers' AttentionInterface; supported: "
+            "decoder-only models such as Llama, Qwen2 and Mistral"
+        )
     if [m.layer_idx for m in modules] != list(range(len(modules))):
-        raise ValueError(f"model ({type(model).__name__}) has attention layers indexed "
-                         f"{[m.layer_idx for m in modules]}, expected 0..{len(modules) - 1}")
+        raise ValueError(
+            f"model ({type(model).__name__}) has attention layers indexed "
+            f"{[m.layer_idx for m in modules]}, expected 0..{len(modules) - 1}"
+        )
     layer_types = set(getattr(config, "layer_types", None) or ())
     if not layer_types <= set(SUPPORTED_LAYER_TYPES):
-        raise ValueError(f"model ({type(model).__name__}) has layer types "
-                         f"{sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; supported: "
-                         f"{list(SUPPORTED_LAYER_TYPES)}")
+        raise ValueError(
+            f"model ({type(model).__name__}) has layer types "
+            f"{sorted(layer_types - set(SUPPORTED_LAYER_TYPES))}; supported: "
+            f"{list(SUPPORTED_LAYER_TYPES)}"
+        )
     if any(module in _SESSIONS for module in modules):
         raise ValueError("model is already inside a chunkkv(...) context")
     return modules
@@ -243,24 +271,43 @@ def check_model(model) -> list[torch.nn.Module]:
 
 def make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel) -> Policy:
     """``policy`` itself, or ``ChunkKV`` built from the chunk options."""
-    chunk_options = dict(chunk_size=chunk_size, window=window, share_heads=share_heads,
-                         pool_kernel=pool_kernel)
+    chunk_options = dict(
+        chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
+    )
     if policy is not None:
         if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a triton_chunkkv.policies.Policy or None, got "
-                            f"{type(policy).__name__}")
-        changed = [name for name, value in chunk_options.items()
-                   if value != ChunkKV.__dataclass_fields__[name].default]
+            raise TypeError(
+                f"policy must be a triton_chunkkv.policies.Policy or None, got "
+                f"{type(policy).__name__}"
+            )
+        changed = [
+            name
+            for name, value in chunk_options.items()
+            if value != ChunkKV.__dataclass_fields__[name].default
+        ]
         if changed:
-            raise ValueError(f"pass either policy or the ChunkKV options {changed}, not both: "
-                             "set them on the policy instead")
+            raise ValueError(
+                f"pass either policy or the ChunkKV options {changed}, not both: "
+                "set them on the policy instead"
+            )
         return policy
     return ChunkKV(**chunk_options)  # validates the options
 
 
 @contextmanager
-def chunkkv(model, *, budget=None, ratio=None, chunk_size=10, window=32, reuse_layers=1,
-            share_heads=False, pool_kernel=1, mode="evict", policy=None):
+def chunkkv(
+    model,
+    *,
+    budget=None,
+    ratio=None,
+    chunk_size=10,
+    window=32,
+    reuse_layers=1,
+    share_heads=False,
+    pool_kernel=1,
+    mode="evict",
+    policy=None,
+):
     """Compress each layer's KV cache once, right after prefill, for calls made inside.
 
     Args:
@@ -289,14 +336,17 @@ def chunkkv(model, *, budget=None, ratio=None, chunk_size=10, window=32, reuse_l
     policy = make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel)
     modules = check_model(model)
 
-    state = ChunkKVState(policy=policy, mode=mode, reuse_layers=reuse_layers,
-                         num_layers=len(modules))
+    state = ChunkKVState(
+        policy=policy, mode=mode, reuse_layers=reuse_layers, num_layers=len(modules)
+    )
     windows = [m.sliding_window for m in modules if getattr(m, "sliding_window", None)]
-    session = _Session(policy, budget, ratio, mode, reuse_layers, state,
-                       sliding_window=min(windows, default=None))
+    session = _Session(
+        policy, budget, ratio, mode, reuse_layers, state, sliding_window=min(windows, default=None)
+    )
     previous = model.config._attn_implementation
-    hooks = [model.register_forward_pre_hook(partial(_remember_input_ids, session),
-                                             with_kwargs=True)]
+    hooks = [
+        model.register_forward_pre_hook(partial(_remember_input_ids, session), with_kwargs=True)
+    ]
     try:
         for module in modules:
             _SESSIONS[module] = session
@@ -345,16 +395,19 @@ def _padding_mask(*, attention_mask=None, **_):
     return attention_mask
 
 
-def chunkkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                      is_causal=None, **kwargs):
+def chunkkv_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """``AttentionInterface`` entry, with the parameters of transformers'
     ``sdpa_attention_forward`` in its order (wrappers pass them positionally). ``query
     [B, Hq, q, D]``, ``key``/``value`` the layer's cache after the update; returns
     ``([B, q, Hq, D], None)``."""
     session = _SESSIONS.get(module)
     if session is None:
-        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside "
-                           "triton_chunkkv.integrations.hf.chunkkv(model, ...)")
+        raise RuntimeError(
+            f"attn_implementation={ATTENTION_NAME!r} only works inside "
+            "triton_chunkkv.integrations.hf.chunkkv(model, ...)"
+        )
     cache = session.caches.pop(module.layer_idx, None)  # not kept alive past this call
     q_len = query.shape[2]
     if cache is None:
@@ -362,50 +415,68 @@ def chunkkv_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             f"chunkkv found no KV cache in layer {module.layer_idx}'s attention call "
             f"(transformers {transformers.__version__}), so there is nothing to compress: run "
             "the model with use_cache=True; if it does, this transformers version passes the "
-            "cache in a way the adapter does not know")
+            "cache in a way the adapter does not know"
+        )
     layer = cache.layers[module.layer_idx]
     sliding_window = kwargs.get("sliding_window")
     if not isinstance(layer, DynamicLayer):
-        raise ValueError(f"chunkkv needs a DynamicCache (layers that grow); got a "
-                         f"{type(layer).__name__}, e.g. from cache_implementation='static'")
+        raise ValueError(
+            f"chunkkv needs a DynamicCache (layers that grow); got a "
+            f"{type(layer).__name__}, e.g. from cache_implementation='static'"
+        )
     seq_len = layer.get_seq_length()
     # Also checked against the smallest window of any layer (Qwen2 keeps it on the sliding
     # layers only), so that layer 0 raises before any layer is changed.
     window = min((w for w in (sliding_window, session.sliding_window) if w), default=None)
     if window is not None and seq_len > window:
-        raise ValueError(f"sequence length {seq_len} exceeds the sliding window {window}; "
-                         "chunkkv supports sliding-window layers only within their window")
+        raise ValueError(
+            f"sequence length {seq_len} exceeds the sliding window {window}; "
+            "chunkkv supports sliding-window layers only within their window"
+        )
     if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"chunkkv needs a 2-D attention_mask [batch, seq_len], got shape "
-                         f"{tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"chunkkv needs a 2-D attention_mask [batch, seq_len], got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
     if attention_mask is not None and attention_mask.shape[-1] != seq_len:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
-                         f"the sequence length {seq_len}")
+        raise ValueError(
+            f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
+            f"the sequence length {seq_len}"
+        )
 
     continues_cache = isinstance(layer, CompressedLayer) or key.shape[2] > q_len
     if continues_cache and q_len > 1 and module.layer_idx in session.awaiting_decode:
         # A multi-token call right after the prefill that selected: a chunked prefill, whose
         # first chunk was taken for the whole prompt.
-        raise ValueError("chunkkv selects on the forward call that fills an empty cache, so "
-                         "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
-                         "prefill the whole prompt in one call")
+        raise ValueError(
+            "chunkkv selects on the forward call that fills an empty cache, so "
+            "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
+            "prefill the whole prompt in one call"
+        )
     if q_len == 1:
         session.awaiting_decode.discard(module.layer_idx)
     if isinstance(layer, CompressedLayer):
         return _decode(module, layer, query, key, value, scaling, dropout)
-    key_valid = attention_mask[:, :key.shape[2]] if attention_mask is not None else None
-    out = _dense(module, query, key, value,
-                 _causal_mask(q_len, key.shape[2], key_valid, query.device), scaling, dropout)
+    key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
+    out = _dense(
+        module,
+        query,
+        key,
+        value,
+        _causal_mask(q_len, key.shape[2], key_valid, query.device),
+        scaling,
+        dropout,
+    )
     if key.shape[2] == q_len:  # this call filled an empty cache
-        _compress_layer(session, module.layer_idx, cache, query, key, value, attention_mask,
-                        scaling)
+        _compress_layer(
+            session, module.layer_idx, cache, query, key, value, attention_mask, scaling
+        )
         session.awaiting_decode.add(module.layer_idx)
     return out
 
 
 def _dense(module, query, key, value, mask, scaling, dropout):
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
-                                  scaling=scaling)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
 
 
 def _causal_mask(q_len, kv_len, key_valid, device):
@@ -432,18 +503,36 @@ def _decode(module, layer, query, key, value, scaling, dropout):
         key_valid = None
         if key_start is not None:
             key_valid = torch.arange(kv_len, device=key.device)[None, :] >= key_start[:, None]
-        return _dense(module, query, key, value,
-                      _causal_mask(q_len, kv_len, key_valid, query.device), scaling, dropout)
+        return _dense(
+            module,
+            query,
+            key,
+            value,
+            _causal_mask(q_len, kv_len, key_valid, query.device),
+            scaling,
+            dropout,
+        )
     index = layer.sparse
     if key_start is None:
         key_start = torch.zeros(B, dtype=torch.int32, device=key.device)
     outputs = []
     for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
         seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
-        outputs.append(ops.sparse_decode(
-            query[:, :, i], key, value, index.chunk_idx, index.chunk_size, index.tail_start,
-            seq_lens, scaling=scaling, row_offset=index.row_offset,
-            chunk_counts=index.chunk_counts, validate=not layer.decode_checked))
+        outputs.append(
+            ops.sparse_decode(
+                query[:, :, i],
+                key,
+                value,
+                index.chunk_idx,
+                index.chunk_size,
+                index.tail_start,
+                seq_lens,
+                scaling=scaling,
+                row_offset=index.row_offset,
+                chunk_counts=index.chunk_counts,
+                validate=not layer.decode_checked,
+            )
+        )
         layer.decode_checked = True
     return torch.stack(outputs, dim=1), None
 
@@ -458,8 +547,9 @@ def _compress_layer(session, layer_idx, cache, query, key, value, attention_mask
     B, _, T_pad, _ = key.shape
     if layer_idx == 0:  # every layer of the prefill sees the same padding: read it once
         lengths = [T_pad - pad for pad in _left_padding(attention_mask, B, T_pad, key.device)]
-        state.start_prefill(lengths, [reference.resolve_budget(T, session.budget, session.ratio)
-                                      for T in lengths])
+        state.start_prefill(
+            lengths, [reference.resolve_budget(T, session.budget, session.ratio) for T in lengths]
+        )
     pads = [T_pad - T for T in state.prompt_lengths]
     if key.is_cuda:
         torch.cuda.synchronize(key.device)
@@ -473,8 +563,9 @@ def _compress_layer(session, layer_idx, cache, query, key, value, attention_mask
     state.selections[layer_idx] = selection
 
     if isinstance(selection, list):
-        new_layer = _compress_rows(session.mode, key, value, selection, pads,
-                                   state.kept_lengths[layer_idx])
+        new_layer = _compress_rows(
+            session.mode, key, value, selection, pads, state.kept_lengths[layer_idx]
+        )
     elif selection is not None:
         new_layer = _compress_batch(session.mode, key, value, selection)
         state.kept_lengths[layer_idx] = [kept_length(selection, T_pad)] * B
@@ -496,17 +587,26 @@ def _left_padding(attention_mask, batch, T_pad, device) -> list[int]:
     lengths = real.sum(dim=1)
     expected = torch.arange(T_pad, device=device)[None, :] >= (T_pad - lengths)[:, None]
     if not torch.equal(real, expected):
-        raise ValueError("attention_mask must mark padding on the left of each prompt only "
-                         "(zeros first, then ones); use tokenizer.padding_side = 'left'")
+        raise ValueError(
+            "attention_mask must mark padding on the left of each prompt only "
+            "(zeros first, then ones); use tokenizer.padding_side = 'left'"
+        )
     return [T_pad - int(n) for n in lengths.tolist()]
 
 
 def _select_one(session, layer_idx, input_ids, query, key, scaling) -> Selection | None:
     """The policy's choice for rows of one common length ``T`` (no padding)."""
     budget = reference.resolve_budget(key.shape[2], session.budget, session.ratio)
-    return select_prompt(session.policy, query, key, budget=budget, layer=layer_idx,
-                         num_layers=session.state.num_layers, input_ids=input_ids,
-                         scaling=scaling)
+    return select_prompt(
+        session.policy,
+        query,
+        key,
+        budget=budget,
+        layer=layer_idx,
+        num_layers=session.state.num_layers,
+        input_ids=input_ids,
+        scaling=scaling,
+    )
 
 
 def _select(session, layer_idx, query, key, pads, scaling):
@@ -516,20 +616,33 @@ def _select(session, layer_idx, query, key, pads, scaling):
         input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
     if not any(pads):
         return _select_one(session, layer_idx, input_ids, query, key, scaling)
-    return [_select_one(session, layer_idx,
-                        None if input_ids is None else input_ids[row:row + 1, pad:],
-                        query[row:row + 1, :, pad:], key[row:row + 1, :, pad:], scaling)
-            for row, pad in enumerate(pads)]
+    return [
+        _select_one(
+            session,
+            layer_idx,
+            None if input_ids is None else input_ids[row : row + 1, pad:],
+            query[row : row + 1, :, pad:],
+            key[row : row + 1, :, pad:],
+            scaling,
+        )
+        for row, pad in enumerate(pads)
+    ]
 
 
 def _compress_batch(mode, key, value, selection: Selection) -> CompressedLayer:
     T = key.shape[2]
     if mode == "sparse":
-        index = SparseIndex(selection.chunk_idx.to(torch.int32), selection.chunk_size,
-                            selection.tail_start, None, None)
+        index = SparseIndex(
+            selection.chunk_idx.to(torch.int32),
+            selection.chunk_size,
+            selection.tail_start,
+            None,
+            None,
+        )
         return CompressedLayer(key, value, seq_len=T, sparse=index)
-    keys, values = ops.gather_chunks(key, value, selection.chunk_idx, selection.chunk_size,
-                                     selection.tail_start)
+    keys, values = ops.gather_chunks(
+        key, value, selection.chunk_idx, selection.chunk_size, selection.tail_start
+    )
     return CompressedLayer(keys, values, seq_len=T)
 
 
@@ -545,36 +658,48 @@ def _compress_rows(mode, key, value, selections, pads, kept_lengths) -> Compress
     if mode == "sparse":
         chunk_sizes = {s.chunk_size for s in selections if s is not None}
         if len(chunk_sizes) > 1:
-            raise ValueError(f"the policy chose different chunk sizes {sorted(chunk_sizes)} "
-                             "for the rows of one layer")
+            raise ValueError(
+                f"the policy chose different chunk sizes {sorted(chunk_sizes)} "
+                "for the rows of one layer"
+            )
         counts = [0 if s is None else s.chunk_idx.shape[2] for s in selections]
         chunk_idx = torch.zeros(B, Hkv, max(counts), dtype=torch.int32, device=device)
         for row, selection in enumerate(selections):
             if selection is not None:
-                chunk_idx[row, :, :counts[row]] = selection.chunk_idx[0]
+                chunk_idx[row, :, : counts[row]] = selection.chunk_idx[0]
         # A row that keeps everything: no chunks, and a dense range from its position 0.
         tails = [0 if s is None else s.tail_start for s in selections]
+
         def as_int32(values):
-            return (torch.tensor(values, dtype=torch.int32, device=device))
-        index = SparseIndex(chunk_idx, chunk_sizes.pop(), as_int32(tails), as_int32(counts),
-                            as_int32(pads))
-        return CompressedLayer(key, value, seq_len=T_pad,
-                               key_start=torch.tensor(pads, device=device), sparse=index)
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        index = SparseIndex(
+            chunk_idx, chunk_sizes.pop(), as_int32(tails), as_int32(counts), as_int32(pads)
+        )
+        return CompressedLayer(
+            key, value, seq_len=T_pad, key_start=torch.tensor(pads, device=device), sparse=index
+        )
     rows_k, rows_v = [], []
     for row, (selection, pad) in enumerate(zip(selections, pads)):
-        k, v = key[row:row + 1, :, pad:], value[row:row + 1, :, pad:]
+        k, v = key[row : row + 1, :, pad:], value[row : row + 1, :, pad:]
         if selection is not None:
-            k, v = ops.gather_chunks(k, v, selection.chunk_idx, selection.chunk_size,
-                                     selection.tail_start)
+            k, v = ops.gather_chunks(
+                k, v, selection.chunk_idx, selection.chunk_size, selection.tail_start
+            )
         rows_k.append(k)
         rows_v.append(v)
     width = max(k.shape[2] for k in rows_k)
+
     def left_pad(t):
-        return (F.pad(t, (0, 0, width - t.shape[2], 0)))
+        return F.pad(t, (0, 0, width - t.shape[2], 0))
+
     key_start = torch.tensor([width - k.shape[2] for k in rows_k], device=device)
-    return CompressedLayer(torch.cat([left_pad(k) for k in rows_k]),
-                           torch.cat([left_pad(v) for v in rows_v]),
-                           seq_len=T_pad, key_start=key_start)
+    return CompressedLayer(
+        torch.cat([left_pad(k) for k in rows_k]),
+        torch.cat([left_pad(v) for v in rows_v]),
+        seq_len=T_pad,
+        key_start=key_start,
+    )
 
 
 AttentionInterface.register(ATTENTION_NAME, chunkkv_attention)

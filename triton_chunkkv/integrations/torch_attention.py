@@ -43,14 +43,25 @@ class ChunkKVCache:
             layer kept everything (or before prefill).
     """
 
-    def __init__(self, *, budget=None, ratio=None, policy: Policy | None = None, mode="evict",
-                 layer=0, num_layers=1, leader: ChunkKVCache | None = None):
+    def __init__(
+        self,
+        *,
+        budget=None,
+        ratio=None,
+        policy: Policy | None = None,
+        mode="evict",
+        layer=0,
+        num_layers=1,
+        leader: ChunkKVCache | None = None,
+    ):
         check_budget(budget, ratio)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a triton_chunkkv.policies.Policy or None, got "
-                            f"{type(policy).__name__}")
+            raise TypeError(
+                f"policy must be a triton_chunkkv.policies.Policy or None, got "
+                f"{type(policy).__name__}"
+            )
         if leader is not None and not isinstance(leader, ChunkKVCache):
             raise TypeError(f"leader must be a ChunkKVCache or None, got {type(leader).__name__}")
         check_int("layer", layer, minimum=0)
@@ -79,13 +90,21 @@ class ChunkKVCache:
             self.selection = self.leader.selection
         else:
             budget = reference.resolve_budget(self.seq_len, self.budget, self.ratio)
-            self.selection = select_prompt(self.policy, query, self.keys, budget=budget,
-                                           layer=self.layer, num_layers=self.num_layers,
-                                           input_ids=input_ids, scaling=scaling)
+            self.selection = select_prompt(
+                self.policy,
+                query,
+                self.keys,
+                budget=budget,
+                layer=self.layer,
+                num_layers=self.num_layers,
+                input_ids=input_ids,
+                scaling=scaling,
+            )
         if self.selection is not None and self.mode == "evict":
             s = self.selection
-            self.keys, self.values = ops.gather_chunks(self.keys, self.values, s.chunk_idx,
-                                                       s.chunk_size, s.tail_start)
+            self.keys, self.values = ops.gather_chunks(
+                self.keys, self.values, s.chunk_idx, s.chunk_size, s.tail_start
+            )
 
 
 def causal_attention(query, key, value, scaling):
@@ -94,8 +113,7 @@ def causal_attention(query, key, value, scaling):
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     if q_len in (1, kv_len):  # SDPA's causal flag is exact here
-        return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1,
-                                              scale=scaling)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling)
     mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
@@ -114,8 +132,10 @@ def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, i
         raise TypeError(f"cache must be a ChunkKVCache, got {type(cache).__name__}")
     check_gqa("query", query.shape[1], key.shape[1])
     if tuple(value.shape) != tuple(key.shape) or key.shape[2] != query.shape[2]:
-        raise ValueError(f"key and value must be [B, Hkv, S, D] with query's S={query.shape[2]},"
-                         f" got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"key and value must be [B, Hkv, S, D] with query's S={query.shape[2]},"
+            f" got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     prefill = cache.seq_len == 0
     cache.append(key, value)
@@ -129,11 +149,21 @@ def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, i
     B, _, q_len, _ = query.shape
     outputs = []
     for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
-        seq_lens = torch.full((B,), cache.seq_len - q_len + i + 1, dtype=torch.int32,
-                              device=query.device)
-        outputs.append(ops.sparse_decode(query[:, :, i], cache.keys, cache.values,
-                                         s.chunk_idx.to(torch.int32), s.chunk_size,
-                                         s.tail_start, seq_lens, scaling=scaling,
-                                         validate=not cache.decode_checked))
+        seq_lens = torch.full(
+            (B,), cache.seq_len - q_len + i + 1, dtype=torch.int32, device=query.device
+        )
+        outputs.append(
+            ops.sparse_decode(
+                query[:, :, i],
+                cache.keys,
+                cache.values,
+                s.chunk_idx.to(torch.int32),
+                s.chunk_size,
+                s.tail_start,
+                seq_lens,
+                scaling=scaling,
+                validate=not cache.decode_checked,
+            )
+        )
         cache.decode_checked = True
     return torch.stack(outputs, dim=2)

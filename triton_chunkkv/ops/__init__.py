@@ -10,5 +10,14 @@ from .select_chunks import select_chunks
 from .sparse_decode import sparse_decode
 from .window_scores import window_scores
 
-__all__ = ["Compressed", "chunk_sum", "compress", "compress_layers", "gather_chunks",
-           "reference", "select_chunks", "sparse_decode", "window_scores"]
+__all__ = [
+    "Compressed",
+    "chunk_sum",
+    "compress",
+    "compress_layers",
+    "gather_chunks",
+    "reference",
+    "select_chunks",
+    "sparse_decode",
+    "window_scores",
+]

@@ -32,8 +32,9 @@ def check_key_value(k_name: str, k, v_name: str, v, ndim: int) -> None:
     check_same("device", **{k_name: k, v_name: v})
     check_same("dtype", **{k_name: k, v_name: v})
     if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
 
 
 def check_scaling(scaling) -> None:
@@ -56,16 +57,19 @@ def check_int(name: str, value, minimum: int | None = None) -> None:
 def check_gqa(q_name: str, num_q_heads: int, num_kv_heads: int) -> int:
     """Returns the GQA group size ``Hq // Hkv``."""
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
-        raise ValueError(f"{q_name} has {num_q_heads} heads, which is not a multiple of the "
-                         f"{num_kv_heads} key/value heads")
+        raise ValueError(
+            f"{q_name} has {num_q_heads} heads, which is not a multiple of the "
+            f"{num_kv_heads} key/value heads"
+        )
     return num_q_heads // num_kv_heads
 
 
 def check_budget(budget, ratio) -> None:
     """Exactly one of ``budget`` (int >= 0 tokens) and ``ratio`` (in (0, 1])."""
     if (budget is None) == (ratio is None):
-        raise ValueError("pass exactly one of budget and ratio, got "
-                         f"budget={budget!r}, ratio={ratio!r}")
+        raise ValueError(
+            f"pass exactly one of budget and ratio, got budget={budget!r}, ratio={ratio!r}"
+        )
     if budget is not None:
         check_int("budget", budget, minimum=0)
     elif isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:

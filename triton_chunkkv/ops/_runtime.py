@@ -100,8 +100,11 @@ def committed_configs(device_name: str) -> dict:
 
 
 def config_to_json(config: triton.Config) -> dict:
-    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps,
-            "num_stages": config.num_stages}
+    return {
+        "kwargs": dict(config.kwargs),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
 
 
 class TunedKernel:
@@ -116,8 +119,11 @@ class TunedKernel:
         self.key = list(key)
         self.configs = list(configs)
         self.interpret_config = interpret_config
-        options = {"cache_results": True} if "cache_results" in inspect.signature(
-            triton.autotune).parameters else {}
+        options = (
+            {"cache_results": True}
+            if "cache_results" in inspect.signature(triton.autotune).parameters
+            else {}
+        )
         self.autotuned = triton.autotune(configs=self.configs, key=self.key, **options)(kernel)
         TUNED_KERNELS[self.name] = self
 
@@ -132,15 +138,27 @@ class TunedKernel:
             config = committed.get(self.key_string(kwargs))
             if config is not None:
                 return self._launch_with(
-                    triton.Config(config["kwargs"], num_warps=config["num_warps"],
-                                  num_stages=config["num_stages"]), grid, args, kwargs)
+                    triton.Config(
+                        config["kwargs"],
+                        num_warps=config["num_warps"],
+                        num_stages=config["num_stages"],
+                    ),
+                    grid,
+                    args,
+                    kwargs,
+                )
             return self.autotuned[grid](*args, **kwargs)
 
         return launch
 
     def _launch_with(self, config: triton.Config, grid, args, kwargs):
-        return self.kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
+        return self.kernel[grid](
+            *args,
+            **kwargs,
+            **config.kwargs,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
 
     def tuned_configs(self) -> dict:
         """``{key string: config}`` for every shape the autotuner has tuned in this process."""

@@ -32,34 +32,58 @@ def _chunk_sum(scores, chunk_size, window) -> torch.Tensor:
     if num_chunks == 0 or B * H == 0:
         return out
     _chunk_sum_kernel[lambda meta: (B * H, triton.cdiv(num_chunks, meta["BLOCK_CHUNKS"]))](
-        scores, out, *scores.stride(), H, num_chunks, chunk_size,
+        scores,
+        out,
+        *scores.stride(),
+        H,
+        num_chunks,
+        chunk_size,
         CHUNKS_BUCKET=bucket(num_chunks),
-        CHUNK_BLOCK=min(triton.next_power_of_2(chunk_size), MAX_CHUNK_BLOCK))
+        CHUNK_BLOCK=min(triton.next_power_of_2(chunk_size), MAX_CHUNK_BLOCK),
+    )
     return out
 
 
-@tuned(configs=[triton.Config({"BLOCK_CHUNKS": block}, num_warps=warps)
-                for block, warps in [(32, 1), (64, 2), (128, 4), (256, 4), (512, 8)]],
-       key=["CHUNKS_BUCKET", "CHUNK_BLOCK"],
-       interpret_config=triton.Config({"BLOCK_CHUNKS": 32}))
+@tuned(
+    configs=[
+        triton.Config({"BLOCK_CHUNKS": block}, num_warps=warps)
+        for block, warps in [(32, 1), (64, 2), (128, 4), (256, 4), (512, 8)]
+    ],
+    key=["CHUNKS_BUCKET", "CHUNK_BLOCK"],
+    interpret_config=triton.Config({"BLOCK_CHUNKS": 32}),
+)
 @triton.jit
 def _chunk_sum_kernel(
-    scores_ptr, out_ptr, stride_b, stride_h, stride_t, num_heads, num_chunks, chunk_size,
+    scores_ptr,
+    out_ptr,
+    stride_b,
+    stride_h,
+    stride_t,
+    num_heads,
+    num_chunks,
+    chunk_size,
     CHUNKS_BUCKET,  # autotune key only
-    CHUNK_BLOCK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+    CHUNK_BLOCK: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
 ):
     """``out[b, h, j] = sum of scores[b, h, j*c : (j+1)*c]`` for ``BLOCK_CHUNKS`` chunks ``j``,
     reading each chunk as ``CHUNK_BLOCK``-wide column tiles."""
     bh = tl.program_id(0)
     chunks = tl.program_id(1) * BLOCK_CHUNKS + tl.arange(0, BLOCK_CHUNKS)
     chunk_ok = chunks < num_chunks
-    row_ptr = (scores_ptr + (bh // num_heads).to(tl.int64) * stride_b
-               + (bh % num_heads).to(tl.int64) * stride_h)
+    row_ptr = (
+        scores_ptr
+        + (bh // num_heads).to(tl.int64) * stride_b
+        + (bh % num_heads).to(tl.int64) * stride_h
+    )
     total = tl.zeros([BLOCK_CHUNKS], tl.float32)
     for offset in range(0, chunk_size, CHUNK_BLOCK):
         cols = offset + tl.arange(0, CHUNK_BLOCK)
         positions = chunks[:, None] * chunk_size + cols[None, :]
-        tile = tl.load(row_ptr + positions * stride_t,
-                       mask=chunk_ok[:, None] & (cols < chunk_size)[None, :], other=0.0)
+        tile = tl.load(
+            row_ptr + positions * stride_t,
+            mask=chunk_ok[:, None] & (cols < chunk_size)[None, :],
+            other=0.0,
+        )
         total += tl.sum(tile.to(tl.float32), axis=1)
     tl.store(out_ptr + bh.to(tl.int64) * num_chunks + chunks, total, mask=chunk_ok)

@@ -21,12 +21,16 @@ from ._runtime import bucket, empty_output, tuned, use_triton
 def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks) -> None:
     check_tensor("chunk_idx", chunk_idx, 3, dtypes=(torch.int32, torch.int64))
     if tuple(chunk_idx.shape[:2]) != (batch, num_kv_heads):
-        raise ValueError(f"chunk_idx must have shape [{batch}, {num_kv_heads}, n_keep], got "
-                         f"{tuple(chunk_idx.shape)}")
+        raise ValueError(
+            f"chunk_idx must have shape [{batch}, {num_kv_heads}, n_keep], got "
+            f"{tuple(chunk_idx.shape)}"
+        )
     if chunk_idx.numel() and (int(chunk_idx.min()) < 0 or int(chunk_idx.max()) >= num_chunks):
-        raise ValueError(f"chunk_idx must lie in [0, {num_chunks}) (the chunks before "
-                         f"tail_start), got values in [{int(chunk_idx.min())}, "
-                         f"{int(chunk_idx.max())}]")
+        raise ValueError(
+            f"chunk_idx must lie in [0, {num_chunks}) (the chunks before "
+            f"tail_start), got values in [{int(chunk_idx.min())}, "
+            f"{int(chunk_idx.max())}]"
+        )
 
 
 def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
@@ -57,29 +61,64 @@ def _gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
     # One flat grid axis: neither B * Hkv nor the row blocks can hit CUDA's 65535 limit of
     # the other axes.
     _gather_chunks_kernel[lambda meta: (B * Hkv * triton.cdiv(out_len, meta["BLOCK_ROWS"]),)](
-        k, v, chunk_idx, k_out, v_out,
-        Hkv, out_len, n_keep * chunk_size, chunk_size, tail_start,
-        *k.stride(), *v.stride(), *chunk_idx.stride(),
-        TOTAL_ROWS_BUCKET=bucket(B * Hkv * out_len), ELEMENT_BYTES=k.element_size(),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        k,
+        v,
+        chunk_idx,
+        k_out,
+        v_out,
+        Hkv,
+        out_len,
+        n_keep * chunk_size,
+        chunk_size,
+        tail_start,
+        *k.stride(),
+        *v.stride(),
+        *chunk_idx.stride(),
+        TOTAL_ROWS_BUCKET=bucket(B * Hkv * out_len),
+        ELEMENT_BYTES=k.element_size(),
+        HEAD_DIM=D,
+        BLOCK_D=triton.next_power_of_2(D),
     )
     return k_out, v_out
 
 
-@tuned(configs=[triton.Config({"BLOCK_ROWS": rows}, num_warps=warps, num_stages=1)
-                for rows, warps in [(8, 2), (16, 4), (32, 4), (32, 8), (64, 8)]],
-       key=["TOTAL_ROWS_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
-       # Large blocks keep the interpreter's program count (and the test time) low.
-       interpret_config=triton.Config({"BLOCK_ROWS": 64}))
+@tuned(
+    configs=[
+        triton.Config({"BLOCK_ROWS": rows}, num_warps=warps, num_stages=1)
+        for rows, warps in [(8, 2), (16, 4), (32, 4), (32, 8), (64, 8)]
+    ],
+    key=["TOTAL_ROWS_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
+    # Large blocks keep the interpreter's program count (and the test time) low.
+    interpret_config=triton.Config({"BLOCK_ROWS": 64}),
+)
 @triton.jit
 def _gather_chunks_kernel(
-    k_ptr, v_ptr, chunk_idx_ptr, k_out_ptr, v_out_ptr,
-    num_kv_heads, out_len, chunk_rows, chunk_size, tail_start,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_cb, stride_ch, stride_ck,
-    TOTAL_ROWS_BUCKET, ELEMENT_BYTES,  # autotune keys only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    chunk_idx_ptr,
+    k_out_ptr,
+    v_out_ptr,
+    num_kv_heads,
+    out_len,
+    chunk_rows,
+    chunk_size,
+    tail_start,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_cb,
+    stride_ch,
+    stride_ck,
+    TOTAL_ROWS_BUCKET,
+    ELEMENT_BYTES,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
     """Rows ``[r0, r0 + BLOCK_ROWS)`` of ``k_out[b, h]`` and ``v_out[b, h]``; ``chunk_rows``
     is ``n_keep * c``, the output rows that come from chunks rather than the tail."""
@@ -92,10 +131,19 @@ def _gather_chunks_kernel(
     row_ok = rows < out_len
     from_chunk = rows < chunk_rows
 
-    chunk = tl.load(chunk_idx_ptr + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
-                    + (rows // chunk_size) * stride_ck, mask=from_chunk, other=0)
-    positions = tl.where(from_chunk, chunk.to(tl.int64) * chunk_size + rows % chunk_size,
-                         tail_start + (rows - chunk_rows)).to(tl.int64)
+    chunk = tl.load(
+        chunk_idx_ptr
+        + b.to(tl.int64) * stride_cb
+        + h.to(tl.int64) * stride_ch
+        + (rows // chunk_size) * stride_ck,
+        mask=from_chunk,
+        other=0,
+    )
+    positions = tl.where(
+        from_chunk,
+        chunk.to(tl.int64) * chunk_size + rows % chunk_size,
+        tail_start + (rows - chunk_rows),
+    ).to(tl.int64)
 
     mask = row_ok[:, None]
     if HEAD_DIM != BLOCK_D:
@@ -103,9 +151,19 @@ def _gather_chunks_kernel(
     # Outputs are fresh contiguous [B, Hkv, out_len, D] tensors.
     out_offsets = (bh.to(tl.int64) * out_len + rows)[:, None] * HEAD_DIM + cols[None, :]
 
-    k_src = (k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-             + positions[:, None] * stride_kt + cols[None, :] * stride_kd)
+    k_src = (
+        k_ptr
+        + b.to(tl.int64) * stride_kb
+        + h.to(tl.int64) * stride_kh
+        + positions[:, None] * stride_kt
+        + cols[None, :] * stride_kd
+    )
     tl.store(k_out_ptr + out_offsets, tl.load(k_src, mask=mask), mask=mask)
-    v_src = (v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-             + positions[:, None] * stride_vt + cols[None, :] * stride_vd)
+    v_src = (
+        v_ptr
+        + b.to(tl.int64) * stride_vb
+        + h.to(tl.int64) * stride_vh
+        + positions[:, None] * stride_vt
+        + cols[None, :] * stride_vd
+    )
     tl.store(v_out_ptr + out_offsets, tl.load(v_src, mask=mask), mask=mask)

@@ -140,8 +140,20 @@ def all_chunks(batch, num_kv_heads, seq_len, chunk_size, window, device) -> torc
     return torch.arange(n, dtype=torch.int32, device=device).expand(batch, num_kv_heads, n)
 
 
-def compress(q_obs, k, v, *, budget=None, ratio=None, chunk_size=10, window=32, key_mask=None,
-             scaling=None, share_heads=False, pool_kernel=1) -> Compressed:
+def compress(
+    q_obs,
+    k,
+    v,
+    *,
+    budget=None,
+    ratio=None,
+    chunk_size=10,
+    window=32,
+    key_mask=None,
+    scaling=None,
+    share_heads=False,
+    pool_kernel=1,
+) -> Compressed:
     """SPEC steps 1-7 for one layer. Identity (same tensors, every chunk) when ``L >= T``."""
     B, Hkv, T, _ = k.shape
     p0 = tail_start(T, chunk_size, window)
@@ -149,13 +161,15 @@ def compress(q_obs, k, v, *, budget=None, ratio=None, chunk_size=10, window=32, 
     if n_keep is None:
         return Compressed(k, v, all_chunks(B, Hkv, T, chunk_size, window, k.device), p0)
     scores = window_scores(q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel)
-    chunk_idx = select_chunks(chunk_sum(scores, chunk_size, window), n_keep,
-                              share_heads=share_heads)
+    chunk_idx = select_chunks(
+        chunk_sum(scores, chunk_size, window), n_keep, share_heads=share_heads
+    )
     return Compressed(*gather_chunks(k, v, chunk_idx, chunk_size, p0), chunk_idx, p0)
 
 
-def compress_layers(layers: Sequence, *, reuse_layers=1, compress_fn=None, gather_fn=None,
-                    **kwargs) -> list[Compressed]:
+def compress_layers(
+    layers: Sequence, *, reuse_layers=1, compress_fn=None, gather_fn=None, **kwargs
+) -> list[Compressed]:
     """Layer-wise index reuse (SPEC Algorithm 2) over ``(q_obs, k, v)`` triples.
 
     Layer ``l`` selects its own chunks when ``l % reuse_layers == 0`` and otherwise gathers
@@ -173,8 +187,9 @@ def compress_layers(layers: Sequence, *, reuse_layers=1, compress_fn=None, gathe
         elif out[first].keys is layers[first][1]:  # the group's first layer dropped nothing
             out.append(Compressed(k, v, out[first].chunk_idx, out[first].tail_start))
         else:
-            kept = gather_fn(k, v, out[first].chunk_idx, kwargs.get("chunk_size", 10),
-                             out[first].tail_start)
+            kept = gather_fn(
+                k, v, out[first].chunk_idx, kwargs.get("chunk_size", 10), out[first].tail_start
+            )
             out.append(Compressed(*kept, out[first].chunk_idx, out[first].tail_start))
     return out
 
@@ -184,8 +199,9 @@ def compress_layers(layers: Sequence, *, reuse_layers=1, compress_fn=None, gathe
 # ---------------------------------------------------------------------------------------------
 
 
-def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len, *,
-                  chunk_counts=None) -> torch.Tensor:
+def retained_mask(
+    chunk_idx, chunk_size, tail_start, seq_lens, max_len, *, chunk_counts=None
+) -> torch.Tensor:
     """bool ``[B, Hkv, max_len]``: SPEC's ``R(b, h)``, the chosen chunks plus
     ``[tail_start_b, seq_len_b)``. ``tail_start`` and ``seq_lens`` are ints or ``[B]``; with
     ``chunk_counts [B]``, row ``b`` uses only ``chunk_idx[b, :, :chunk_counts[b]]``."""
@@ -205,9 +221,20 @@ def retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, max_len, *,
     return mask | in_chunks
 
 
-def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, *,
-                  scaling=None, slot_map=None, row_offset=None,
-                  chunk_counts=None) -> torch.Tensor:
+def sparse_decode(
+    q,
+    k_cache,
+    v_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    *,
+    scaling=None,
+    slot_map=None,
+    row_offset=None,
+    chunk_counts=None,
+) -> torch.Tensor:
     """Exact softmax attention of ``q [B, Hq, D]`` (or ``[B, Hq, 1, D]``) over ``R(b, h)`` of
     the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty.
 
@@ -223,15 +250,16 @@ def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_le
         k_cache, v_cache = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)
     elif row_offset is not None:  # shift each row so that index p holds position p
         S_max = k_cache.shape[2]
-        index = (row_offset.long()[:, None] + torch.arange(S_max, device=q.device))
+        index = row_offset.long()[:, None] + torch.arange(S_max, device=q.device)
         index = index.clamp(max=S_max - 1)[:, None, :, None].expand_as(k_cache)
         k_cache, v_cache = k_cache.gather(2, index), v_cache.gather(2, index)
     B, Hq, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv
     scaling = D**-0.5 if scaling is None else scaling
-    keep = retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max,
-                         chunk_counts=chunk_counts).repeat_interleave(g, dim=1)
+    keep = retained_mask(
+        chunk_idx, chunk_size, tail_start, seq_lens, S_max, chunk_counts=chunk_counts
+    ).repeat_interleave(g, dim=1)
     keys = k_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
     values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
     logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)

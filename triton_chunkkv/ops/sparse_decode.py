@@ -49,26 +49,63 @@ INDEX_DTYPES = (torch.int32,)
 
 
 @tuned(
-    configs=[triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-             for block_n in (32, 64, 128) for num_warps in (4, 8) for num_stages in (2, 3)],
+    configs=[
+        triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+        for block_n in (32, 64, 128)
+        for num_warps in (4, 8)
+        for num_stages in (2, 3)
+    ],
     key=["BLOCK_G", "BLOCK_D", "TOKENS_PER_SPLIT_BUCKET", "ELEMENT_BYTES"],
     interpret_config=triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1),
 )
 @triton.jit
 def _sparse_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, chunk_idx_ptr, tail_start_ptr, seq_lens_ptr, slot_map_ptr,
-    row_offset_ptr, chunk_counts_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
-    tail_start_value, n_keep, num_kv_heads, num_splits, qk_scale_log2,
-    stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_kr, stride_kd,
-    stride_vb, stride_vh, stride_vr, stride_vd,
-    stride_cb, stride_ch, stride_ck,
-    stride_sb, stride_sp,
-    TOKENS_PER_SPLIT_BUCKET, ELEMENT_BYTES,  # autotune keys only
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK_SIZE: tl.constexpr,
-    TAIL_PER_ROW: tl.constexpr, HAS_SLOT_MAP: tl.constexpr, HAS_ROW_OFFSET: tl.constexpr,
-    HAS_CHUNK_COUNTS: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    chunk_idx_ptr,
+    tail_start_ptr,
+    seq_lens_ptr,
+    slot_map_ptr,
+    row_offset_ptr,
+    chunk_counts_ptr,
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    tail_start_value,
+    n_keep,
+    num_kv_heads,
+    num_splits,
+    qk_scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kr,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vr,
+    stride_vd,
+    stride_cb,
+    stride_ch,
+    stride_ck,
+    stride_sb,
+    stride_sp,
+    TOKENS_PER_SPLIT_BUCKET,
+    ELEMENT_BYTES,  # autotune keys only
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK_SIZE: tl.constexpr,
+    TAIL_PER_ROW: tl.constexpr,
+    HAS_SLOT_MAP: tl.constexpr,
+    HAS_ROW_OFFSET: tl.constexpr,
+    HAS_CHUNK_COUNTS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -96,8 +133,14 @@ def _sparse_decode_split_kernel(
     head_ok = heads < GROUP
     dim_ok = dims < HEAD_DIM
     q_heads = h * GROUP + heads
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + q_heads[:, None] * stride_qh
-                + dims[None, :] * stride_qd, mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr
+        + b.to(tl.int64) * stride_qb
+        + q_heads[:, None] * stride_qh
+        + dims[None, :] * stride_qd,
+        mask=head_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     q = q.to(k_ptr.dtype.element_ty)
     if UPCAST:
         q = q.to(tl.float32)
@@ -123,18 +166,24 @@ def _sparse_decode_split_kernel(
         in_chunks = j < chunk_tokens
         list_slot = j // CHUNK_SIZE
         chunk = tl.load(chunk_idx_base + list_slot * stride_ck, mask=live & in_chunks, other=0)
-        pos = tl.where(in_chunks, chunk * CHUNK_SIZE + (j - list_slot * CHUNK_SIZE),
-                       tail_start + (j - chunk_tokens))
+        pos = tl.where(
+            in_chunks,
+            chunk * CHUNK_SIZE + (j - list_slot * CHUNK_SIZE),
+            tail_start + (j - chunk_tokens),
+        )
         if HAS_SLOT_MAP:
-            rows = tl.load(slot_map_ptr + b.to(tl.int64) * stride_sb + pos * stride_sp,
-                           mask=live, other=0).to(tl.int64)
+            rows = tl.load(
+                slot_map_ptr + b.to(tl.int64) * stride_sb + pos * stride_sp, mask=live, other=0
+            ).to(tl.int64)
         else:
             rows = (pos + row_shift).to(tl.int64)
         kv_mask = live[:, None] & dim_ok[None, :]
-        k = tl.load(k_base + rows[:, None] * stride_kr + dims[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vr + dims[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_base + rows[:, None] * stride_kr + dims[None, :] * stride_kd, mask=kv_mask, other=0.0
+        )
+        v = tl.load(
+            v_base + rows[:, None] * stride_vr + dims[None, :] * stride_vd, mask=kv_mask, other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -151,17 +200,29 @@ def _sparse_decode_split_kernel(
 
     # An empty split stores (max=-inf, sum=0, out=0), which the merge weighs by zero.
     partial_rows = (b * num_kv_heads * GROUP + q_heads).to(tl.int64) * num_splits + split
-    tl.store(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :], acc,
-             mask=head_ok[:, None] & dim_ok[None, :])
+    tl.store(
+        partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
+        acc,
+        mask=head_ok[:, None] & dim_ok[None, :],
+    )
     tl.store(partial_max_ptr + partial_rows, row_max, mask=head_ok)
     tl.store(partial_sum_ptr + partial_rows, row_sum, mask=head_ok)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, num_q_heads, num_splits,
-    stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    partial_out_ptr,
+    partial_max_ptr,
+    partial_sum_ptr,
+    out_ptr,
+    num_q_heads,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // num_q_heads
@@ -173,16 +234,22 @@ def _merge_splits_kernel(
     partial_rows = row.to(tl.int64) * num_splits + splits
     split_max = tl.load(partial_max_ptr + partial_rows, mask=split_ok, other=float("-inf"))
     split_sum = tl.load(partial_sum_ptr + partial_rows, mask=split_ok, other=0.0)
-    split_out = tl.load(partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
-                        mask=split_ok[:, None] & dim_ok[None, :], other=0.0)
+    split_out = tl.load(
+        partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
+        mask=split_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     overall_max = tl.max(split_max, 0)
     # All splits empty (R(b, h) is empty): use 0 as the reference so no weight is NaN.
     overall_max = tl.where(overall_max == float("-inf"), 0.0, overall_max)
     weight = tl.exp2(split_max - overall_max)
     total = tl.sum(weight * split_sum, 0)
     out = tl.sum(weight[:, None] * split_out, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dims * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dims * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dim_ok,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,9 +257,20 @@ def _merge_splits_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
-                               seq_lens, scaling, num_splits, slot_map, row_offset,
-                               chunk_counts) -> None:
+def check_sparse_decode_inputs(
+    q,
+    k_cache,
+    v_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    scaling,
+    num_splits,
+    slot_map,
+    row_offset,
+    chunk_counts,
+) -> None:
     """Ranks, shapes, dtypes and devices (no sync), then the data checks (these sync)."""
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         check_tensor("q", q, 4)
@@ -216,15 +294,26 @@ def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_
     if slot_map is not None:
         check_tensor("slot_map", slot_map, 2, dtypes=INDEX_DTYPES)
         if row_offset is not None:
-            raise ValueError("row_offset applies to the dense [B, Hkv, S_max, D] layout only; "
-                             "with slot_map, put the offset into the slot map")
+            raise ValueError(
+                "row_offset applies to the dense [B, Hkv, S_max, D] layout only; "
+                "with slot_map, put the offset into the slot map"
+            )
     if row_offset is not None:
         check_tensor("row_offset", row_offset, 1, dtypes=INDEX_DTYPES)
     if chunk_counts is not None:
         check_tensor("chunk_counts", chunk_counts, 1, dtypes=INDEX_DTYPES)
-    check_same("device", q=q, k_cache=k_cache, v_cache=v_cache, chunk_idx=chunk_idx,
-               seq_lens=seq_lens, tail_start=tail_start if tail_is_tensor else None,
-               slot_map=slot_map, row_offset=row_offset, chunk_counts=chunk_counts)
+    check_same(
+        "device",
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        chunk_idx=chunk_idx,
+        seq_lens=seq_lens,
+        tail_start=tail_start if tail_is_tensor else None,
+        slot_map=slot_map,
+        row_offset=row_offset,
+        chunk_counts=chunk_counts,
+    )
 
     B, Hq, D = q.shape[0], q.shape[1], q.shape[-1]
     if slot_map is None:
@@ -236,15 +325,29 @@ def check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_
     check_dim("k_cache", k_cache.shape[-1], D, "head dim")
     check_gqa("q", Hq, Hkv)
     if tuple(chunk_idx.shape[:2]) != (B, Hkv):
-        raise ValueError(f"chunk_idx must have shape [{B}, {Hkv}, n_keep], got "
-                         f"{tuple(chunk_idx.shape)}")
-    for name, t in (("seq_lens", seq_lens), ("tail_start", tail_start if tail_is_tensor else None),
-                    ("row_offset", row_offset), ("chunk_counts", chunk_counts)):
+        raise ValueError(
+            f"chunk_idx must have shape [{B}, {Hkv}, n_keep], got {tuple(chunk_idx.shape)}"
+        )
+    for name, t in (
+        ("seq_lens", seq_lens),
+        ("tail_start", tail_start if tail_is_tensor else None),
+        ("row_offset", row_offset),
+        ("chunk_counts", chunk_counts),
+    ):
         if t is not None:
             check_dim(name, t.shape[0], B, "length")
 
-    check_retained_sets(k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map,
-                        row_offset, chunk_counts)
+    check_retained_sets(
+        k_cache,
+        chunk_idx,
+        chunk_size,
+        tail_start,
+        seq_lens,
+        S_max,
+        slot_map,
+        row_offset,
+        chunk_counts,
+    )
 
 
 def first_bad(name: str, bad: torch.Tensor, values: torch.Tensor, requirement: str) -> None:
@@ -254,44 +357,67 @@ def first_bad(name: str, bad: torch.Tensor, values: torch.Tensor, requirement: s
         raise ValueError(f"{name}{list(where)} = {int(values[where])} violates {requirement}")
 
 
-def check_retained_sets(k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map,
-                        row_offset, chunk_counts) -> None:
+def check_retained_sets(
+    k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map, row_offset, chunk_counts
+) -> None:
     """The data checks: they read the index tensors on the host."""
     B, _, n_keep = chunk_idx.shape
     device = chunk_idx.device
     tails = torch.as_tensor(tail_start, device=device).expand(B).long()
     lens = seq_lens.long()
     if row_offset is not None:
-        first_bad("row_offset", (row_offset < 0) | (row_offset > S_max), row_offset,
-                  f"0 <= row_offset <= S_max = {S_max}")
+        first_bad(
+            "row_offset",
+            (row_offset < 0) | (row_offset > S_max),
+            row_offset,
+            f"0 <= row_offset <= S_max = {S_max}",
+        )
         capacity = S_max - row_offset.long()
     else:
         capacity = torch.full((B,), S_max, device=device)
     first_bad("tail_start", tails < 0, tails, "tail_start >= 0")
     first_bad("tail_start", tails > lens, tails, "tail_start <= seq_lens")
-    first_bad("seq_lens", lens > capacity, lens,
-              "seq_lens <= the cache capacity (S_max, minus row_offset in the dense layout)")
+    first_bad(
+        "seq_lens",
+        lens > capacity,
+        lens,
+        "seq_lens <= the cache capacity (S_max, minus row_offset in the dense layout)",
+    )
     if chunk_counts is not None:
-        first_bad("chunk_counts", (chunk_counts < 0) | (chunk_counts > n_keep), chunk_counts,
-                  f"0 <= chunk_counts <= n_keep = {n_keep}")
+        first_bad(
+            "chunk_counts",
+            (chunk_counts < 0) | (chunk_counts > n_keep),
+            chunk_counts,
+            f"0 <= chunk_counts <= n_keep = {n_keep}",
+        )
         used = torch.arange(n_keep, device=device) < chunk_counts.long()[:, None, None]
         used = used.expand(chunk_idx.shape)
     else:
         used = torch.ones_like(chunk_idx, dtype=torch.bool)
     idx = chunk_idx.long()
     num_chunks = (tails // chunk_size)[:, None, None]
-    first_bad("chunk_idx", used & ((idx < 0) | (idx >= num_chunks)), idx,
-              "0 <= chunk_idx < tail_start // chunk_size (chunks lie before the dense tail)")
+    first_bad(
+        "chunk_idx",
+        used & ((idx < 0) | (idx >= num_chunks)),
+        idx,
+        "0 <= chunk_idx < tail_start // chunk_size (chunks lie before the dense tail)",
+    )
     not_ascending = torch.zeros_like(used)
     not_ascending[..., 1:] = used[..., 1:] & (idx[..., 1:] <= idx[..., :-1])
-    first_bad("chunk_idx", not_ascending, idx,
-              "chunk_idx sorted strictly ascending along the last dim")
+    first_bad(
+        "chunk_idx", not_ascending, idx, "chunk_idx sorted strictly ascending along the last dim"
+    )
     if slot_map is not None:
-        retained = reference.retained_mask(chunk_idx, chunk_size, tail_start, seq_lens, S_max,
-                                           chunk_counts=chunk_counts).any(dim=1)
+        retained = reference.retained_mask(
+            chunk_idx, chunk_size, tail_start, seq_lens, S_max, chunk_counts=chunk_counts
+        ).any(dim=1)
         num_slots = k_cache.shape[0]
-        first_bad("slot_map", retained & ((slot_map < 0) | (slot_map >= num_slots)), slot_map,
-                  f"0 <= slot_map < num_slots = {num_slots} at retained positions")
+        first_bad(
+            "slot_map",
+            retained & ((slot_map < 0) | (slot_map >= num_slots)),
+            slot_map,
+            f"0 <= slot_map < num_slots = {num_slots} at retained positions",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,9 +425,22 @@ def check_retained_sets(k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_
 # ---------------------------------------------------------------------------------------------
 
 
-def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, *,
-                  scaling=None, num_splits=None, slot_map=None, row_offset=None,
-                  chunk_counts=None, validate=True) -> torch.Tensor:
+def sparse_decode(
+    q,
+    k_cache,
+    v_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    *,
+    scaling=None,
+    num_splits=None,
+    slot_map=None,
+    row_offset=None,
+    chunk_counts=None,
+    validate=True,
+) -> torch.Tensor:
     """Decode attention over SPEC's retained set ``R(b, h)``, read in place: ``[B, Hq, D]``.
 
     Query head ``hq`` of row ``b`` attends, with exact softmax, to the positions of KV head
@@ -339,20 +478,65 @@ def sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_le
         ``[B, Hq, D]`` in ``q``'s dtype.
     """
     if validate:
-        check_sparse_decode_inputs(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
-                                   seq_lens, scaling, num_splits, slot_map, row_offset,
-                                   chunk_counts)
-    return _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens,
-                          scaling, num_splits, slot_map, row_offset, chunk_counts)
+        check_sparse_decode_inputs(
+            q,
+            k_cache,
+            v_cache,
+            chunk_idx,
+            chunk_size,
+            tail_start,
+            seq_lens,
+            scaling,
+            num_splits,
+            slot_map,
+            row_offset,
+            chunk_counts,
+        )
+    return _sparse_decode(
+        q,
+        k_cache,
+        v_cache,
+        chunk_idx,
+        chunk_size,
+        tail_start,
+        seq_lens,
+        scaling,
+        num_splits,
+        slot_map,
+        row_offset,
+        chunk_counts,
+    )
 
 
-def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, scaling,
-                   num_splits, slot_map, row_offset, chunk_counts) -> torch.Tensor:
+def _sparse_decode(
+    q,
+    k_cache,
+    v_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    scaling,
+    num_splits,
+    slot_map,
+    row_offset,
+    chunk_counts,
+) -> torch.Tensor:
     """Unchecked dispatch: the Triton kernels or the reference."""
     if not use_triton(q):
-        return reference.sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start,
-                                       seq_lens, scaling=scaling, slot_map=slot_map,
-                                       row_offset=row_offset, chunk_counts=chunk_counts)
+        return reference.sparse_decode(
+            q,
+            k_cache,
+            v_cache,
+            chunk_idx,
+            chunk_size,
+            tail_start,
+            seq_lens,
+            scaling=scaling,
+            slot_map=slot_map,
+            row_offset=row_offset,
+            chunk_counts=chunk_counts,
+        )
     if q.dim() == 4:
         q = q[:, :, 0]
     B, Hq, D = q.shape
@@ -382,23 +566,53 @@ def _sparse_decode(q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_l
         v_strides = (0, v_cache.stride(1), v_cache.stride(0), v_cache.stride(2))
         slot_strides = slot_map.stride()
     _sparse_decode_split_kernel[(B * Hkv, num_splits)](
-        q, k_cache, v_cache, chunk_idx, tail_start if tail_is_tensor else None, seq_lens,
-        slot_map, row_offset, chunk_counts, partial_out, partial_max, partial_sum,
-        0 if tail_is_tensor else tail_start, n_keep, Hkv, num_splits,
+        q,
+        k_cache,
+        v_cache,
+        chunk_idx,
+        tail_start if tail_is_tensor else None,
+        seq_lens,
+        slot_map,
+        row_offset,
+        chunk_counts,
+        partial_out,
+        partial_max,
+        partial_sum,
+        0 if tail_is_tensor else tail_start,
+        n_keep,
+        Hkv,
+        num_splits,
         scaling * 1.4426950408889634,  # log2(e): the kernels use exp2
-        *q.stride(), *k_strides, *v_strides, *chunk_idx.stride(), *slot_strides,
+        *q.stride(),
+        *k_strides,
+        *v_strides,
+        *chunk_idx.stride(),
+        *slot_strides,
         TOKENS_PER_SPLIT_BUCKET=bucket(triton.cdiv(max_tokens, num_splits)),
-        ELEMENT_BYTES=k_cache.element_size(), GROUP=group, HEAD_DIM=D, CHUNK_SIZE=chunk_size,
+        ELEMENT_BYTES=k_cache.element_size(),
+        GROUP=group,
+        HEAD_DIM=D,
+        CHUNK_SIZE=chunk_size,
         TAIL_PER_ROW=tail_is_tensor,
-        HAS_SLOT_MAP=slot_map is not None, HAS_ROW_OFFSET=row_offset is not None,
+        HAS_SLOT_MAP=slot_map is not None,
+        HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
-        BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS), BLOCK_D=block_d,
+        BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS),
+        BLOCK_D=block_d,
     )
     out = empty_output((B, Hq, D), q.dtype, q.device)
     _merge_splits_kernel[(B * Hq,)](
-        partial_out, partial_max, partial_sum, out, Hq, num_splits, *out.stride(),
-        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        partial_out,
+        partial_max,
+        partial_sum,
+        out,
+        Hq,
+        num_splits,
+        *out.stride(),
+        HEAD_DIM=D,
+        BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=block_d,
     )
     return out
 

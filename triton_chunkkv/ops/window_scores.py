@@ -43,8 +43,13 @@ MIN_KEYS_PER_SPLIT = 256
 CONFIGS = [
     triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
     for block_m, block_n, warps, stages in [
-        (16, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3),
-        (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+        (16, 64, 4, 3),
+        (32, 64, 4, 3),
+        (64, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 8, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
     ]
 ]
 LARGEST_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in CONFIGS)
@@ -62,8 +67,10 @@ def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
     check_dim("q_obs", q_obs.shape[3], D, "head dim")
     check_gqa("q_obs", q_obs.shape[1], Hkv)
     if not 1 <= q_obs.shape[2] <= T:
-        raise ValueError(f"q_obs holds a window of {q_obs.shape[2]} queries, expected 1..{T} "
-                         "(the window cannot exceed the sequence length)")
+        raise ValueError(
+            f"q_obs holds a window of {q_obs.shape[2]} queries, expected 1..{T} "
+            "(the window cannot exceed the sequence length)"
+        )
     if key_mask is not None:
         check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
         if tuple(key_mask.shape) != (B, T):
@@ -85,8 +92,9 @@ def window_scores(q_obs, k, *, key_mask=None, scaling=None, pool_kernel=1) -> to
 def _window_scores(q_obs, k, key_mask, scaling, pool_kernel) -> torch.Tensor:
     """Unchecked dispatch: the Triton kernel or the reference."""
     if not use_triton(k):
-        return reference.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling,
-                                       pool_kernel=pool_kernel)
+        return reference.window_scores(
+            q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel
+        )
     scores = window_scores_triton(q_obs, k, key_mask, scaling)
     if pool_kernel > 1:
         B, Hkv, T = scores.shape
@@ -131,10 +139,16 @@ def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
     key_mask_arg = key_mask.view(torch.uint8) if has_key_mask else k  # k: unread placeholder
     key_mask_strides = key_mask.stride() if has_key_mask else (0, 0)
     shared = dict(
-        num_kv_heads=Hkv, seq_len=T, window=window, num_rows=num_rows, group=group,
+        num_kv_heads=Hkv,
+        seq_len=T,
+        window=window,
+        num_rows=num_rows,
+        group=group,
         qk_scale=scaling * math.log2(math.e),
-        ROWS_BUCKET=bucket(num_rows), ELEMENT_BYTES=k.element_size(),
-        HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
+        ROWS_BUCKET=bucket(num_rows),
+        ELEMENT_BYTES=k.element_size(),
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
         HAS_KEY_MASK=has_key_mask,
         # The interpreter's tl.dot returns garbage on bf16 operands.
         DOT_IN_FP32=interpreting() and k.dtype == torch.bfloat16,
@@ -148,23 +162,43 @@ def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
     row_sum = empty_output((B * Hkv, splits, num_rows), torch.float32, k.device)
     # Row blocks vary fastest: the programs reading the same keys run side by side (L2 reuse).
     _window_stats_kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), splits, B * Hkv)](
-        *tensors_and_strides, row_max, row_sum, splits,
-        KEYS_PER_SPLIT_BUCKET=bucket(triton.cdiv(T, splits)), **shared)
+        *tensors_and_strides,
+        row_max,
+        row_sum,
+        splits,
+        KEYS_PER_SPLIT_BUCKET=bucket(triton.cdiv(T, splits)),
+        **shared,
+    )
 
     m, inv_l = merge_row_stats(row_max, row_sum)
     _window_scores_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
-        *tensors_and_strides, m, inv_l, scores, T_BUCKET=bucket(T), **shared)
+        *tensors_and_strides, m, inv_l, scores, T_BUCKET=bucket(T), **shared
+    )
     return scores
 
 
 @triton.jit
-def _load_query_rows(q_group_ptr, offs_m, offs_d, num_rows, window, stride_qh, stride_qi,
-                     stride_qd, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                     DOT_IN_FP32: tl.constexpr):
+def _load_query_rows(
+    q_group_ptr,
+    offs_m,
+    offs_d,
+    num_rows,
+    window,
+    stride_qh,
+    stride_qi,
+    stride_qd,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
     """Rows ``offs_m`` of the stacked ``[g * w, D]`` queries: row ``r`` is window query
     ``r % w`` of the group's query head ``r // w``. Rows past ``g * w`` read zeros."""
-    ptrs = (q_group_ptr + (offs_m // window)[:, None] * stride_qh
-            + (offs_m % window)[:, None] * stride_qi + offs_d[None, :] * stride_qd)
+    ptrs = (
+        q_group_ptr
+        + (offs_m // window)[:, None] * stride_qh
+        + (offs_m % window)[:, None] * stride_qi
+        + offs_d[None, :] * stride_qd
+    )
     mask = (offs_m < num_rows)[:, None]
     if HEAD_DIM != HEAD_DIM_PAD:
         mask = mask & (offs_d < HEAD_DIM)[None, :]
@@ -175,9 +209,18 @@ def _load_query_rows(q_group_ptr, offs_m, offs_d, num_rows, window, stride_qh, s
 
 
 @triton.jit
-def _load_key_block(k_ptrs, key_mask_ptr, offs_n, offs_d, seq_len, stride_mask_t,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    HAS_KEY_MASK: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+def _load_key_block(
+    k_ptrs,
+    key_mask_ptr,
+    offs_n,
+    offs_d,
+    seq_len,
+    stride_mask_t,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
     """Keys ``offs_n`` (zeros past ``T``) and whether each is a real, unpadded key."""
     in_range = offs_n < seq_len
     mask = in_range[:, None]
@@ -188,8 +231,9 @@ def _load_key_block(k_ptrs, key_mask_ptr, offs_n, offs_d, seq_len, stride_mask_t
         k = k.to(tl.float32)
     key_ok = in_range
     if HAS_KEY_MASK:
-        key_ok = key_ok & (tl.load(key_mask_ptr + offs_n * stride_mask_t, mask=in_range,
-                                   other=0) != 0)
+        key_ok = key_ok & (
+            tl.load(key_mask_ptr + offs_n * stride_mask_t, mask=in_range, other=0) != 0
+        )
     return k, key_ok
 
 
@@ -202,20 +246,45 @@ def _masked_logits(q, k, key_ok, offs_n, query_pos, qk_scale, DOT_PRECISION: tl.
     return tl.where(visible, logits, float("-inf"))
 
 
-@tuned(configs=CONFIGS, interpret_config=INTERPRET_CONFIG,
-       key=["ROWS_BUCKET", "KEYS_PER_SPLIT_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"])
+@tuned(
+    configs=CONFIGS,
+    interpret_config=INTERPRET_CONFIG,
+    key=["ROWS_BUCKET", "KEYS_PER_SPLIT_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
+)
 @triton.jit
 def _window_stats_kernel(
-    q_ptr, k_ptr, key_mask_ptr,
-    stride_qb, stride_qh, stride_qi, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_mask_b, stride_mask_t,
-    row_max_ptr, row_sum_ptr, num_splits,
-    num_kv_heads, seq_len, window, num_rows, group, qk_scale,
-    ROWS_BUCKET, KEYS_PER_SPLIT_BUCKET, ELEMENT_BYTES,  # autotune keys only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    key_mask_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qi,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_mask_b,
+    stride_mask_t,
+    row_max_ptr,
+    row_sum_ptr,
+    num_splits,
+    num_kv_heads,
+    seq_len,
+    window,
+    num_rows,
+    group,
+    qk_scale,
+    ROWS_BUCKET,
+    KEYS_PER_SPLIT_BUCKET,
+    ELEMENT_BYTES,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Pass 1: ``row_max``/``row_sum [B * Hkv, splits, g * w]``, the online-softmax statistics of
     one row block over the key blocks of one split."""
@@ -227,27 +296,51 @@ def _window_stats_kernel(
 
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _load_query_rows(q_ptr + batch * stride_qb + kv_head * group * stride_qh, offs_m, offs_d,
-                         num_rows, window, stride_qh, stride_qi, stride_qd, HEAD_DIM,
-                         HEAD_DIM_PAD, DOT_IN_FP32)
+    q = _load_query_rows(
+        q_ptr + batch * stride_qb + kv_head * group * stride_qh,
+        offs_m,
+        offs_d,
+        num_rows,
+        window,
+        stride_qh,
+        stride_qi,
+        stride_qd,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        DOT_IN_FP32,
+    )
     query_pos = seq_len - window + offs_m % window
 
     blocks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     key_start = split * blocks_per_split * BLOCK_N
     key_end = tl.minimum(key_start + blocks_per_split * BLOCK_N, seq_len)
     offs_block = tl.arange(0, BLOCK_N)
-    k_ptrs = (k_ptr + batch * stride_kb + kv_head * stride_kh
-              + key_start.to(tl.int64) * stride_kt
-              + offs_block[:, None] * stride_kt + offs_d[None, :] * stride_kd)
+    k_ptrs = (
+        k_ptr
+        + batch * stride_kb
+        + kv_head * stride_kh
+        + key_start.to(tl.int64) * stride_kt
+        + offs_block[:, None] * stride_kt
+        + offs_d[None, :] * stride_kd
+    )
     key_mask_row = key_mask_ptr + batch * stride_mask_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + offs_block
-        k, key_ok = _load_key_block(k_ptrs, key_mask_row, offs_n, offs_d, seq_len,
-                                    stride_mask_t, HEAD_DIM, HEAD_DIM_PAD, HAS_KEY_MASK,
-                                    DOT_IN_FP32)
+        k, key_ok = _load_key_block(
+            k_ptrs,
+            key_mask_row,
+            offs_n,
+            offs_d,
+            seq_len,
+            stride_mask_t,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            HAS_KEY_MASK,
+            DOT_IN_FP32,
+        )
         logits = _masked_logits(q, k, key_ok, offs_n, query_pos, qk_scale, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
         # A row that has seen no visible key yet keeps m = -inf; shift it by 0 instead of
@@ -262,20 +355,45 @@ def _window_stats_kernel(
     tl.store(row_sum_ptr + out, l_i, mask=offs_m < num_rows)
 
 
-@tuned(configs=CONFIGS, interpret_config=INTERPRET_CONFIG,
-       key=["ROWS_BUCKET", "T_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"])
+@tuned(
+    configs=CONFIGS,
+    interpret_config=INTERPRET_CONFIG,
+    key=["ROWS_BUCKET", "T_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
+)
 @triton.jit
 def _window_scores_kernel(
-    q_ptr, k_ptr, key_mask_ptr,
-    stride_qb, stride_qh, stride_qi, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_mask_b, stride_mask_t,
-    m_ptr, inv_l_ptr, scores_ptr,
-    num_kv_heads, seq_len, window, num_rows, group, qk_scale,
-    ROWS_BUCKET, T_BUCKET, ELEMENT_BYTES,  # autotune keys only
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    key_mask_ptr,
+    stride_qb,
+    stride_qh,
+    stride_qi,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_mask_b,
+    stride_mask_t,
+    m_ptr,
+    inv_l_ptr,
+    scores_ptr,
+    num_kv_heads,
+    seq_len,
+    window,
+    num_rows,
+    group,
+    qk_scale,
+    ROWS_BUCKET,
+    T_BUCKET,
+    ELEMENT_BYTES,  # autotune keys only
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Pass 2: ``scores [B, Hkv, T]`` of one key block, summed over all ``g * w`` query rows
     (``m``, ``inv_l [B * Hkv, g * w]`` from the merged pass 1)."""
@@ -286,27 +404,52 @@ def _window_scores_kernel(
 
     offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    k_ptrs = (k_ptr + batch * stride_kb + kv_head * stride_kh
-              + (key_block * BLOCK_N).to(tl.int64) * stride_kt
-              + tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :] * stride_kd)
-    k, key_ok = _load_key_block(k_ptrs, key_mask_ptr + batch * stride_mask_b, offs_n, offs_d,
-                                seq_len, stride_mask_t, HEAD_DIM, HEAD_DIM_PAD, HAS_KEY_MASK,
-                                DOT_IN_FP32)
+    k_ptrs = (
+        k_ptr
+        + batch * stride_kb
+        + kv_head * stride_kh
+        + (key_block * BLOCK_N).to(tl.int64) * stride_kt
+        + tl.arange(0, BLOCK_N)[:, None] * stride_kt
+        + offs_d[None, :] * stride_kd
+    )
+    k, key_ok = _load_key_block(
+        k_ptrs,
+        key_mask_ptr + batch * stride_mask_b,
+        offs_n,
+        offs_d,
+        seq_len,
+        stride_mask_t,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        HAS_KEY_MASK,
+        DOT_IN_FP32,
+    )
     q_group_ptr = q_ptr + batch * stride_qb + kv_head * group * stride_qh
     stats_row = bh.to(tl.int64) * num_rows
 
     total = tl.zeros([BLOCK_N], tl.float32)
     for row_start in range(0, num_rows, BLOCK_M):
         offs_m = row_start + tl.arange(0, BLOCK_M)
-        q = _load_query_rows(q_group_ptr, offs_m, offs_d, num_rows, window, stride_qh,
-                             stride_qi, stride_qd, HEAD_DIM, HEAD_DIM_PAD, DOT_IN_FP32)
+        q = _load_query_rows(
+            q_group_ptr,
+            offs_m,
+            offs_d,
+            num_rows,
+            window,
+            stride_qh,
+            stride_qi,
+            stride_qd,
+            HEAD_DIM,
+            HEAD_DIM_PAD,
+            DOT_IN_FP32,
+        )
         row_ok = offs_m < num_rows
         # Rows past g * w get inv_l = 0: they add nothing.
         m = tl.load(m_ptr + stats_row + offs_m, mask=row_ok, other=0.0)
         inv_l = tl.load(inv_l_ptr + stats_row + offs_m, mask=row_ok, other=0.0)
-        logits = _masked_logits(q, k, key_ok, offs_n, seq_len - window + offs_m % window,
-                                qk_scale, DOT_PRECISION)
+        logits = _masked_logits(
+            q, k, key_ok, offs_n, seq_len - window + offs_m % window, qk_scale, DOT_PRECISION
+        )
         total += tl.sum(tl.exp2(logits - m[:, None]) * inv_l[:, None], axis=0)
 
-    tl.store(scores_ptr + bh.to(tl.int64) * seq_len + offs_n, total / group,
-             mask=offs_n < seq_len)
+    tl.store(scores_ptr + bh.to(tl.int64) * seq_len + offs_n, total / group, mask=offs_n < seq_len)

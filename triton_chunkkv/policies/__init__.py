@@ -51,20 +51,32 @@ class Policy:
     name = "policy"
     window: int | None = 0
 
-    def select(self, q_obs, k, *, budget: int, layer: int, num_layers: int, key_mask=None,
-               scaling=None) -> Selection | None:
+    def select(
+        self, q_obs, k, *, budget: int, layer: int, num_layers: int, key_mask=None, scaling=None
+    ) -> Selection | None:
         """Chunks to keep for one layer with ``budget`` tokens per KV head; ``None`` keeps all.
 
         ``q_obs [B, Hq, w, D]`` (``None`` when ``window == 0``), ``k [B, Hkv, T, D]``.
         """
         raise NotImplementedError
 
-    def select_many(self, q_obs, k, *, budgets, layer: int, num_layers: int, key_mask=None,
-                    scaling=None) -> list[Selection | None]:
+    def select_many(
+        self, q_obs, k, *, budgets, layer: int, num_layers: int, key_mask=None, scaling=None
+    ) -> list[Selection | None]:
         """:meth:`select` for each of ``budgets``. Scores do not depend on the budget, so the
         scoring policies compute them once here (an evaluation runs several budgets)."""
-        return [self.select(q_obs, k, budget=budget, layer=layer, num_layers=num_layers,
-                            key_mask=key_mask, scaling=scaling) for budget in budgets]
+        return [
+            self.select(
+                q_obs,
+                k,
+                budget=budget,
+                layer=layer,
+                num_layers=num_layers,
+                key_mask=key_mask,
+                scaling=scaling,
+            )
+            for budget in budgets
+        ]
 
     def on_prompt(self, input_ids: torch.Tensor) -> None:
         """Called with the prompt's token ids ``[B, T]`` before its prefill. Policies that look
@@ -76,8 +88,17 @@ def observation_window(policy: Policy, seq_len: int) -> int:
     return seq_len if policy.window is None else policy.window
 
 
-def select_prompt(policy: Policy, queries, keys, *, budget: int, layer: int, num_layers: int,
-                  input_ids=None, scaling=None) -> Selection | None:
+def select_prompt(
+    policy: Policy,
+    queries,
+    keys,
+    *,
+    budget: int,
+    layer: int,
+    num_layers: int,
+    input_ids=None,
+    scaling=None,
+) -> Selection | None:
     """``policy.select`` on one layer's prompt cache, as the adapters call it: ``queries
     [B, Hq, T, D]`` are the prompt's queries, of which the last ``observation_window(policy, T)``
     are read; a prompt shorter than that window keeps everything. ``input_ids`` (if given) go
@@ -88,9 +109,10 @@ def select_prompt(policy: Policy, queries, keys, *, budget: int, layer: int, num
         return None
     if input_ids is not None:
         policy.on_prompt(input_ids)
-    q_obs = queries[:, :, T - window:] if window else None
-    return policy.select(q_obs, keys, budget=budget, layer=layer, num_layers=num_layers,
-                         scaling=scaling)
+    q_obs = queries[:, :, T - window :] if window else None
+    return policy.select(
+        q_obs, keys, budget=budget, layer=layer, num_layers=num_layers, scaling=scaling
+    )
 
 
 def kept_length(selection: Selection | None, seq_len: int) -> int:
@@ -100,8 +122,9 @@ def kept_length(selection: Selection | None, seq_len: int) -> int:
     return selection.chunk_idx.shape[2] * selection.chunk_size + seq_len - selection.tail_start
 
 
-def pyramid_budgets(budget: int, num_layers: int, seq_len: int, window: int,
-                    beta: float = 20.0) -> list[int]:
+def pyramid_budgets(
+    budget: int, num_layers: int, seq_len: int, window: int, beta: float = 20.0
+) -> list[int]:
     """PyramidKV's per-layer budgets: ``window`` plus a share of ``budget - window`` that
     decreases linearly with depth, from ``2 (L - w) - m`` at layer 0 to ``m = (L - w) / beta``
     at the last layer (capped at ``seq_len``), with the same total as the uniform ``budget``.
@@ -122,15 +145,17 @@ def pyramid_budgets(budget: int, num_layers: int, seq_len: int, window: int,
     targets = [window + high - layer * step for layer in range(num_layers)]
     floors = [int(t) for t in targets]
     missing = num_layers * budget - sum(floors)
-    by_remainder = sorted(range(num_layers), key=lambda layer: (floors[layer] - targets[layer],
-                                                                layer))
+    by_remainder = sorted(
+        range(num_layers), key=lambda layer: (floors[layer] - targets[layer], layer)
+    )
     for layer in by_remainder[:missing]:
         floors[layer] += 1
     return floors
 
 
-def layer_budget(mode: str, budget: int, layer: int, num_layers: int, seq_len: int,
-                 window: int) -> int:
+def layer_budget(
+    mode: str, budget: int, layer: int, num_layers: int, seq_len: int, window: int
+) -> int:
     """This layer's budget under ``mode`` (one of :data:`LAYER_BUDGETS`)."""
     if mode == "uniform":
         return budget
@@ -142,14 +167,18 @@ def check_layer_budgets(mode) -> None:
         raise ValueError(f"layer_budgets must be one of {LAYER_BUDGETS}, got {mode!r}")
 
 
-def sink_chunk_mask(key_mask, batch: int, seq_len: int, sink_tokens: int, chunk_size: int,
-                    num_chunks: int, device) -> torch.Tensor:
+def sink_chunk_mask(
+    key_mask, batch: int, seq_len: int, sink_tokens: int, chunk_size: int, num_chunks: int, device
+) -> torch.Tensor:
     """bool ``[B, 1, n]``: the chunks holding each row's first ``sink_tokens`` real tokens
     (``key_mask`` False marks left padding)."""
-    real = (torch.ones(batch, seq_len, dtype=torch.bool, device=device) if key_mask is None
-            else key_mask.bool())
+    real = (
+        torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        if key_mask is None
+        else key_mask.bool()
+    )
     is_sink = real & (real.cumsum(dim=1) <= sink_tokens)
-    is_sink = is_sink[:, :num_chunks * chunk_size].reshape(batch, num_chunks, chunk_size)
+    is_sink = is_sink[:, : num_chunks * chunk_size].reshape(batch, num_chunks, chunk_size)
     return is_sink.any(dim=-1)[:, None, :]
 
 
@@ -180,30 +209,54 @@ class ChunkKV(Policy):
             raise TypeError(f"share_heads must be a bool, got {type(self.share_heads).__name__}")
 
     def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
-        return self.select_many(q_obs, k, budgets=[budget], layer=layer, num_layers=num_layers,
-                                key_mask=key_mask, scaling=scaling)[0]
+        return self.select_many(
+            q_obs,
+            k,
+            budgets=[budget],
+            layer=layer,
+            num_layers=num_layers,
+            key_mask=key_mask,
+            scaling=scaling,
+        )[0]
 
     def select_many(self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None):
         B, _, T, _ = k.shape
-        n_keeps = [reference.num_kept_chunks(
-            T, layer_budget(self.layer_budgets, budget, layer, num_layers, T, self.window),
-            self.chunk_size, self.window) for budget in budgets]
+        n_keeps = [
+            reference.num_kept_chunks(
+                T,
+                layer_budget(self.layer_budgets, budget, layer, num_layers, T, self.window),
+                self.chunk_size,
+                self.window,
+            )
+            for budget in budgets
+        ]
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
         if q_obs is None or q_obs.shape[2] != self.window:  # P0 below assumes this window
-            raise ValueError(f"q_obs must hold the last window={self.window} queries, got "
-                             f"{None if q_obs is None else q_obs.shape[2]}")
-        scores = ops.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling,
-                                   pool_kernel=self.pool_kernel)
+            raise ValueError(
+                f"q_obs must hold the last window={self.window} queries, got "
+                f"{None if q_obs is None else q_obs.shape[2]}"
+            )
+        scores = ops.window_scores(
+            q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=self.pool_kernel
+        )
         chunk_scores = ops.chunk_sum(scores, self.chunk_size, self.window)
         if self.sink_tokens:
-            sinks = sink_chunk_mask(key_mask, B, T, self.sink_tokens, self.chunk_size,
-                                    chunk_scores.shape[2], k.device)
+            sinks = sink_chunk_mask(
+                key_mask, B, T, self.sink_tokens, self.chunk_size, chunk_scores.shape[2], k.device
+            )
             chunk_scores = chunk_scores.masked_fill(sinks, float("inf"))
         tail_start = reference.tail_start(T, self.chunk_size, self.window)
-        return [None if n_keep is None else
-                Selection(ops.select_chunks(chunk_scores, n_keep, share_heads=self.share_heads),
-                          self.chunk_size, tail_start) for n_keep in n_keeps]
+        return [
+            None
+            if n_keep is None
+            else Selection(
+                ops.select_chunks(chunk_scores, n_keep, share_heads=self.share_heads),
+                self.chunk_size,
+                tail_start,
+            )
+            for n_keep in n_keeps
+        ]
 
 
 from .baselines import H2O, FullKV, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
@@ -227,6 +280,21 @@ def make_policy(name: str, **options) -> Policy:
     return POLICIES[name](**options)
 
 
-__all__ = ["H2O", "LAYER_BUDGETS", "POLICIES", "ChunkKV", "FullKV", "PhraseChunkKV", "Policy",
-           "PyramidKV", "Selection", "SnapKV", "StreamingLLM", "kept_length", "make_policy",
-           "observation_window", "pyramid_budgets", "select_prompt"]
+__all__ = [
+    "H2O",
+    "LAYER_BUDGETS",
+    "POLICIES",
+    "ChunkKV",
+    "FullKV",
+    "PhraseChunkKV",
+    "Policy",
+    "PyramidKV",
+    "Selection",
+    "SnapKV",
+    "StreamingLLM",
+    "kept_length",
+    "make_policy",
+    "observation_window",
+    "pyramid_budgets",
+    "select_prompt",
+]

@@ -58,8 +58,9 @@ class StreamingLLM(Policy):
         rank = (tail_start - positions).expand(B, tail_start)
         if key_mask is not None:
             rank = rank.masked_fill(~key_mask[:, :tail_start].bool(), 0.0)
-        chunk_idx = ops.select_chunks(rank[:, None, :].expand(B, Hkv, tail_start).contiguous(),
-                                      num_sinks)
+        chunk_idx = ops.select_chunks(
+            rank[:, None, :].expand(B, Hkv, tail_start).contiguous(), num_sinks
+        )
         return Selection(chunk_idx, 1, tail_start)
 
 
@@ -84,24 +85,34 @@ class H2O(Policy):
         check_int("query_block", self.query_block, minimum=1)
 
     def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
-        return self.select_many(q_obs, k, budgets=[budget], layer=layer, num_layers=num_layers,
-                                key_mask=key_mask, scaling=scaling)[0]
+        return self.select_many(
+            q_obs,
+            k,
+            budgets=[budget],
+            layer=layer,
+            num_layers=num_layers,
+            key_mask=key_mask,
+            scaling=scaling,
+        )[0]
 
     def select_many(self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None):
         T = k.shape[2]
         if q_obs is None or q_obs.shape[2] != T:
             got = None if q_obs is None else q_obs.shape[2]
-            raise ValueError(f"H2O scores with every prompt query: q_obs must hold all {T} "
-                             f"prompt queries, got {got} (pass "
-                             "observation_window(policy, T) queries)")
+            raise ValueError(
+                f"H2O scores with every prompt query: q_obs must hold all {T} "
+                f"prompt queries, got {got} (pass "
+                "observation_window(policy, T) queries)"
+            )
         recent = min(self.recent, T)
         n_keeps = [reference.num_kept_chunks(T, budget, 1, recent) for budget in budgets]
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
         scores = ops.chunk_sum(self.accumulated_attention(q_obs, k, key_mask, scaling), 1, recent)
-        return [None if n_keep is None else Selection(ops.select_chunks(scores, n_keep), 1,
-                                                      T - recent) for n_keep in n_keeps]
-
+        return [
+            None if n_keep is None else Selection(ops.select_chunks(scores, n_keep), 1, T - recent)
+            for n_keep in n_keeps
+        ]
 
     def accumulated_attention(self, q, k, key_mask, scaling) -> torch.Tensor:
         """float32 ``[B, Hkv, T]``: SPEC step 2 with every prompt query as the window, summed
@@ -113,11 +124,15 @@ class H2O(Policy):
         for start in range(0, T, self.query_block):
             end = min(start + self.query_block, T)
             scores[..., :end] += ops.window_scores(
-                q[:, :, start:end], k[:, :, :end], scaling=scaling,
-                key_mask=None if key_mask is None else key_mask[:, :end])
+                q[:, :, start:end],
+                k[:, :, :end],
+                scaling=scaling,
+                key_mask=None if key_mask is None else key_mask[:, :end],
+            )
         if self.pool_kernel > 1:
-            scores = F.avg_pool1d(scores.view(B * Hkv, 1, T), self.pool_kernel, 1,
-                                  self.pool_kernel // 2).view(B, Hkv, T)
+            scores = F.avg_pool1d(
+                scores.view(B * Hkv, 1, T), self.pool_kernel, 1, self.pool_kernel // 2
+            ).view(B, Hkv, T)
         return scores
 
 

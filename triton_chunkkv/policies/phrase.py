@@ -42,8 +42,10 @@ class PhraseChunkKV(Policy):
 
     def __post_init__(self):
         if not callable(getattr(self.tokenizer, "decode", None)):
-            raise TypeError("tokenizer must have a decode(list[int]) method, got "
-                            f"{type(self.tokenizer).__name__}")
+            raise TypeError(
+                "tokenizer must have a decode(list[int]) method, got "
+                f"{type(self.tokenizer).__name__}"
+            )
         check_chunking(1, self.window)
         check_int("max_chunk", self.max_chunk, minimum=1)
         check_pool_kernel(self.pool_kernel)
@@ -60,8 +62,9 @@ class PhraseChunkKV(Policy):
     def segment_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """int64 ``[B, T]``: each token's chunk number, counted from 0 in every row."""
         ids = input_ids.cpu()
-        ends = torch.tensor([[self.ends_phrase(int(t)) for t in row] for row in ids.tolist()],
-                            dtype=torch.bool).reshape(ids.shape)
+        ends = torch.tensor(
+            [[self.ends_phrase(int(t)) for t in row] for row in ids.tolist()], dtype=torch.bool
+        ).reshape(ids.shape)
         B, T = ids.shape
         pos = torch.arange(T).expand(B, T)
         starts_phrase = torch.ones(B, T, dtype=torch.bool)
@@ -71,21 +74,31 @@ class PhraseChunkKV(Policy):
         return (starts_chunk.long().cumsum(dim=1) - 1).to(input_ids.device)
 
     def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
-        return self.select_many(q_obs, k, budgets=[budget], layer=layer, num_layers=num_layers,
-                                key_mask=key_mask, scaling=scaling)[0]
+        return self.select_many(
+            q_obs,
+            k,
+            budgets=[budget],
+            layer=layer,
+            num_layers=num_layers,
+            key_mask=key_mask,
+            scaling=scaling,
+        )[0]
 
     def select_many(self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None):
         B, H, T, _ = k.shape
         if self._segments is None or tuple(self._segments.shape) != (B, T):
-            raise ValueError("PhraseChunkKV needs the prompt's token ids: call "
-                             f"policy.on_prompt(input_ids [{B}, {T}]) before the prefill")
+            raise ValueError(
+                "PhraseChunkKV needs the prompt's token ids: call "
+                f"policy.on_prompt(input_ids [{B}, {T}]) before the prefill"
+            )
         n_keeps = [reference.num_kept_chunks(T, budget, 1, self.window) for budget in budgets]
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
-        scores = ops.window_scores(q_obs, k, key_mask=key_mask, scaling=scaling,
-                                   pool_kernel=self.pool_kernel)
+        scores = ops.window_scores(
+            q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=self.pool_kernel
+        )
         token_scores = ops.chunk_sum(scores, 1, self.window)  # [B, H, T - window]
-        segments = self._segments[:, :T - self.window]
+        segments = self._segments[:, : T - self.window]
         selections = []
         for n_keep in n_keeps:
             if n_keep is None:
@@ -105,8 +118,11 @@ class PhraseChunkKV(Policy):
         num_chunks = int(segments.max()) + 1 if P else 0
         index = segments[:, None, :].expand(B, H, P)
         sums = token_scores.new_zeros(B, H, num_chunks).scatter_add_(2, index, token_scores)
-        lengths = token_scores.new_zeros(B, 1, num_chunks).scatter_add_(
-            2, segments[:, None, :], token_scores.new_ones(B, 1, P)).expand(B, H, num_chunks)
+        lengths = (
+            token_scores.new_zeros(B, 1, num_chunks)
+            .scatter_add_(2, segments[:, None, :], token_scores.new_ones(B, 1, P))
+            .expand(B, H, num_chunks)
+        )
         means = (sums / lengths.clamp(min=1)).masked_fill(lengths == 0, float("-inf"))
         order = torch.sort(means, dim=-1, descending=True, stable=True).indices
         fits = lengths.gather(2, order).cumsum(dim=-1) <= capacity

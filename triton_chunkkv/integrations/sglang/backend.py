@@ -93,8 +93,8 @@ class ChunkKVAttnBackend(TritonAttnBackend):
             "speculative decoding": get_spec().speculative_algorithm is not None,
             "--enable-mixed-chunk": get_schedule().enable_mixed_chunk,
             "virtual (unified) KV pools": self.kv_index_translator.is_translating,
-            f"KV cache dtype {model_runner.kv_cache_dtype}":
-                model_runner.kv_cache_dtype not in KV_CACHE_DTYPES,
+            f"KV cache dtype {model_runner.kv_cache_dtype}": model_runner.kv_cache_dtype
+            not in KV_CACHE_DTYPES,
         }
         for what, present in unsupported.items():
             if present:
@@ -105,18 +105,23 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         if not (self.settings.share_heads and self.reuse_layers >= num_layers):
             return False
         if self.page_size != 1:
-            logger.warning("chunkkv keeps dropped KV slots allocated: page_size %d > 1",
-                           self.page_size)
+            logger.warning(
+                "chunkkv keeps dropped KV slots allocated: page_size %d > 1", self.page_size
+            )
             return False
         if not get_memory().disable_radix_cache:
-            logger.warning("chunkkv keeps dropped KV slots allocated: the radix cache would "
-                           "share them (pass --disable-radix-cache to free them)")
+            logger.warning(
+                "chunkkv keeps dropped KV slots allocated: the radix cache would "
+                "share them (pass --disable-radix-cache to free them)"
+            )
             return False
         return True
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise ValueError("the chunkkv attention backend does not support CUDA graphs yet: "
-                         "launch the server with --disable-cuda-graph")
+        raise ValueError(
+            "the chunkkv attention backend does not support CUDA graphs yet: "
+            "launch the server with --disable-cuda-graph"
+        )
 
     # -- per-batch metadata -------------------------------------------------------------------
 
@@ -134,10 +139,10 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         """Which token rows of this extend pass are the window queries, and whose."""
         window = self.settings.window
         slots = _host_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
-        prefix_lens = _host_list(forward_batch.extend_prefix_lens_cpu,
-                                 forward_batch.extend_prefix_lens)
-        extend_lens = _host_list(forward_batch.extend_seq_lens_cpu,
-                                 forward_batch.extend_seq_lens)
+        prefix_lens = _host_list(
+            forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens
+        )
+        extend_lens = _host_list(forward_batch.extend_seq_lens_cpu, forward_batch.extend_seq_lens)
         rows, owners = [], []
         start = 0
         for slot, prefix_len, extend_len in zip(slots, prefix_lens, extend_lens):
@@ -160,13 +165,20 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         for slot, state in zip(slots, states):
             if state is not None and not state.selected:
                 self._select(slot, state)
-        kept = [state if state is not None and state.chunk_idx is not None else None
-                for state in states]
+        kept = [
+            state if state is not None and state.chunk_idx is not None else None for state in states
+        ]
         if all(state is None for state in kept):
             return None
         n_max = max(state.chunk_idx.shape[-1] for state in kept if state is not None)
-        chunk_idx = torch.zeros(len(self.group_leaders), len(slots), self.num_kv_head, n_max,
-                                dtype=torch.int32, device=self.device)
+        chunk_idx = torch.zeros(
+            len(self.group_leaders),
+            len(slots),
+            self.num_kv_head,
+            n_max,
+            dtype=torch.int32,
+            device=self.device,
+        )
         chunk_counts = [0] * len(slots)
         tail_start = [0] * len(slots)
         for row, state in enumerate(kept):
@@ -175,8 +187,9 @@ class ChunkKVAttnBackend(TritonAttnBackend):
                 chunk_idx[:, row, :, :n_keep] = state.chunk_idx
                 chunk_counts[row], tail_start[row] = n_keep, state.tail_start
         seq_lens_cpu = forward_batch.seq_lens_cpu
-        max_len = int(seq_lens_cpu.max() if seq_lens_cpu is not None
-                      else forward_batch.seq_lens.max())
+        max_len = int(
+            seq_lens_cpu.max() if seq_lens_cpu is not None else forward_batch.seq_lens.max()
+        )
         return SparseDecodeBatch(
             slot_map=self.req_to_token[forward_batch.req_pool_indices, :max_len],
             chunk_idx=chunk_idx,
@@ -197,16 +210,18 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         if tail_start <= 0 or any(leader not in windows for leader in self.group_leaders):
             return  # no whole chunk before the window: nothing to drop
         budget = reference.resolve_budget(prompt_len, settings.budget, settings.ratio)
-        n_keep = reference.num_kept_chunks(prompt_len, budget, settings.chunk_size,
-                                           settings.window)
+        n_keep = reference.num_kept_chunks(prompt_len, budget, settings.chunk_size, settings.window)
         if n_keep is None:
             return  # the budget covers the prompt: decode stays dense, as in Triton
         prompt_slots = self.req_to_token[slot, :prompt_len].long()
         chunk_scores = []
         for leader in self.group_leaders:
             keys = self.token_to_kv_pool.get_key_buffer(leader)[prompt_slots]  # [T, Hkv, D]
-            scores = ops.window_scores(windows[leader][None], keys.transpose(0, 1)[None],
-                                       scaling=self.layer_scaling[leader])
+            scores = ops.window_scores(
+                windows[leader][None],
+                keys.transpose(0, 1)[None],
+                scaling=self.layer_scaling[leader],
+            )
             chunk_scores.append(ops.chunk_sum(scores, settings.chunk_size, settings.window))
         chunk_scores = torch.cat(chunk_scores)  # [groups, Hkv, n]
         if settings.share_heads:
@@ -223,8 +238,9 @@ class ChunkKVAttnBackend(TritonAttnBackend):
 
     def _free_dropped_slots(self, slot: int, state: RequestState) -> int:
         """Gives the prompt slots outside the (single) retained set back to the allocator."""
-        kept = reference.kept_positions(state.chunk_idx[:1, :1], self.settings.chunk_size,
-                                        state.tail_start, state.prompt_len)[0, 0]
+        kept = reference.kept_positions(
+            state.chunk_idx[:1, :1], self.settings.chunk_size, state.tail_start, state.prompt_len
+        )[0, 0]
         dropped = torch.ones(state.prompt_len, dtype=torch.bool, device=self.device)
         dropped[kept] = False
         positions = dropped.nonzero().squeeze(1)
@@ -256,24 +272,40 @@ class ChunkKVAttnBackend(TritonAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         batch = self._sparse_batch
         if batch is None:
-            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache,
-                                          **kwargs)
-        if (layer.logit_cap or kwargs.get("sinks") is not None
-                or layer.qk_head_dim != layer.v_head_dim):
-            raise ValueError(f"chunkkv decode does not support layer {layer.layer_id}: "
-                             "logit soft-capping, attention sinks or qk/v head dims differ")
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if (
+            layer.logit_cap
+            or kwargs.get("sinks") is not None
+            or layer.qk_head_dim != layer.v_head_dim
+        ):
+            raise ValueError(
+                f"chunkkv decode does not support layer {layer.layer_id}: "
+                "logit soft-capping, attention sinks or qk/v head dims differ"
+            )
         if save_kv_cache:
             # What the Triton backend writes (no sliding-window pool here: no swa_loc).
-            self._set_kv_buffer(forward_batch, layer, KVWriteLoc.for_batch(forward_batch), k, v,
-                                layer.k_scale, layer.v_scale)
+            self._set_kv_buffer(
+                forward_batch,
+                layer,
+                KVWriteLoc.for_batch(forward_batch),
+                k,
+                v,
+                layer.k_scale,
+                layer.v_scale,
+            )
         out = ops.sparse_decode(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
             batch.chunk_idx[layer.layer_id // self.reuse_layers],
-            self.settings.chunk_size, batch.tail_start, batch.seq_lens,
-            scaling=layer.scaling, slot_map=batch.slot_map, chunk_counts=batch.chunk_counts,
-            validate=False)
+            self.settings.chunk_size,
+            batch.tail_start,
+            batch.seq_lens,
+            scaling=layer.scaling,
+            slot_map=batch.slot_map,
+            chunk_counts=batch.chunk_counts,
+            validate=False,
+        )
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
 

@@ -24,8 +24,7 @@ def register() -> None:
 def create_backend(model_runner):
     """SGLang calls this with its ``ModelRunner`` when ``--attention-backend chunkkv``."""
     if model_runner.model_config.is_encoder_decoder:
-        raise ValueError("the chunkkv attention backend does not support encoder-decoder "
-                         "models")
+        raise ValueError("the chunkkv attention backend does not support encoder-decoder models")
     from .backend import ChunkKVAttnBackend  # imports SGLang's Triton kernels: only when used
 
     return ChunkKVAttnBackend(model_runner)

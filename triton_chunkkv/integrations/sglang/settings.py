@@ -54,11 +54,12 @@ class ChunkKVSettings:
                 raise ValueError(f"{CONFIG_VARIABLE} ({path}) must hold a JSON object")
             unknown = set(values) - {f.name for f in fields(cls)}
             if unknown:
-                raise ValueError(f"{CONFIG_VARIABLE} ({path}) has unknown keys "
-                                 f"{sorted(unknown)}")
-        from_variables = {field.name: _parse(field.name, environ[variable])
-                          for field in fields(cls)
-                          if (variable := f"CHUNKKV_{field.name.upper()}") in environ}
+                raise ValueError(f"{CONFIG_VARIABLE} ({path}) has unknown keys {sorted(unknown)}")
+        from_variables = {
+            field.name: _parse(field.name, environ[variable])
+            for field in fields(cls)
+            if (variable := f"CHUNKKV_{field.name.upper()}") in environ
+        }
         for chosen, other in (("budget", "ratio"), ("ratio", "budget")):
             if chosen in from_variables and other not in from_variables:
                 values.pop(other, None)
