@@ -5,7 +5,6 @@ On CPU the kernel runs in the Triton interpreter with NaN-poisoned outputs (``co
 
 import pytest
 import torch
-from conftest import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,7 +100,7 @@ def test_rejects_bad_inputs(args, error, match):
         ops.chunk_sum(*args)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "seq_len,chunk_size,window", CASES + [(32_768, 10, 32), (100_003, 16, 64), (4096, 300, 32)]
 )

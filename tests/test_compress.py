@@ -2,20 +2,16 @@
 reference. Chunk indices must match exactly; kept keys/values are copies, so they match exactly
 too. Under ``TRITON_INTERPRET=1`` every kernel launch is slow: shapes stay small."""
 
-import importlib
 import math
 
 import pytest
 import torch
-from conftest import requires_cuda
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
-
-# ``ops.compress`` is the function; the module of the same name holds ``_window_scores``.
-compress_module = importlib.import_module("triton_chunkkv.ops.compress")
+from triton_chunkkv.policies import chunkkv as chunkkv_policy
 
 
 def make_layer(
@@ -171,13 +167,13 @@ def test_random_shapes(data):
 def scoring_calls(monkeypatch):
     """Counts the window-score computations ``ops.compress_layers`` runs."""
     calls = []
-    original = compress_module._window_scores
+    original = chunkkv_policy._window_scores
 
     def counting(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(compress_module, "_window_scores", counting)
+    monkeypatch.setattr(chunkkv_policy, "_window_scores", counting)
     return calls
 
 
@@ -334,7 +330,7 @@ def test_compress_layers_rejects_bad_arguments(change, options, error, match, sc
     assert not scoring_calls, "validation must come before any work"
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "group, num_kv_heads, head_dim",

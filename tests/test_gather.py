@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import requires_cuda
 
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
@@ -126,7 +125,7 @@ def test_rejects_bad_arguments(change, error, match):
         ops.gather_chunks(**{**arguments, **change(arguments)})
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
 def test_matches_reference_on_gpu(head_dim, dtype):

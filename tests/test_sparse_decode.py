@@ -5,16 +5,12 @@ NaN-poisoned outputs. The truth is softmax attention over the compacted cache of
 (``reference.gather_chunks``) followed by the generated tokens.
 """
 
-import importlib
-
 import pytest
 import torch
-from conftest import requires_cuda
 
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
-
-sparse_decode_module = importlib.import_module("triton_chunkkv.ops.sparse_decode")
+from triton_chunkkv.ops.kernels import sparse_decode as sparse_decode_kernel
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -338,15 +334,15 @@ def test_bad_slot_layout_input_names_the_argument():
 
 
 def test_default_num_splits_fills_the_gpu_without_tiny_splits(monkeypatch):
-    monkeypatch.setattr(sparse_decode_module, "multiprocessor_count", lambda device: 132)
-    choose = sparse_decode_module.default_num_splits
+    monkeypatch.setattr(sparse_decode_kernel, "multiprocessor_count", lambda device: 132)
+    choose = sparse_decode_kernel.default_num_splits
     assert choose(8, 100_000, "cuda") == 33  # B=1, 8 KV heads: ~2 waves over 132 SMs
     assert choose(8, 300, "cuda") == 3  # short sets: at least 128 tokens per split
     assert choose(4096, 100_000, "cuda") == 1  # the batch alone fills the GPU
-    assert choose(1, 10**7, "cuda") == sparse_decode_module.MAX_SPLITS
+    assert choose(1, 10**7, "cuda") == sparse_decode_kernel.MAX_SPLITS
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_matches_reference(dtype):
     case, prompt_lens = make_case(
@@ -368,7 +364,7 @@ def test_gpu_matches_reference(dtype):
         torch.testing.assert_close(out.cpu(), reference.sparse_decode(**case), **TOLERANCES[dtype])
 
 
-@requires_cuda
+@pytest.mark.gpu
 def test_gpu_cuda_graph_capture_without_validation():
     case, _ = make_case(
         batch=2,

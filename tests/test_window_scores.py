@@ -6,20 +6,15 @@ to several values so that the merge of the per-split softmax statistics is exerc
 prompts, including splits with no key block.
 """
 
-import importlib
-
 import pytest
 import torch
-from conftest import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triton_chunkkv import ops
 from triton_chunkkv.ops import reference
 from triton_chunkkv.ops._runtime import use_triton
-
-# The module, not the function that ``triton_chunkkv.ops`` exports under the same name.
-window_scores_module = importlib.import_module("triton_chunkkv.ops.window_scores")
+from triton_chunkkv.ops.kernels import window_scores as window_scores_kernel
 
 TOLERANCES = {  # (rtol, atol); 16-bit inputs are compared with the reference on the same values
     torch.float32: (1e-5, 1e-6),
@@ -29,7 +24,7 @@ TOLERANCES = {  # (rtol, atol); 16-bit inputs are compared with the reference on
 
 
 def force_splits(monkeypatch, splits):
-    monkeypatch.setattr(window_scores_module, "key_splits", lambda *_: splits)
+    monkeypatch.setattr(window_scores_kernel, "key_splits", lambda *_: splits)
 
 
 def left_padding_mask(batch, seq_len, window, device="cpu"):
@@ -149,16 +144,16 @@ def test_integer_scaling(monkeypatch):
 
 def test_default_split_policy_on_long_prompt():
     # With one KV head, one row block and no forced split, a 600-token prompt is split 3 ways.
-    assert window_scores_module.key_splits(600, 1, torch.device("cpu")) == 3
+    assert window_scores_kernel.key_splits(600, 1, torch.device("cpu")) == 3
     q_obs, k = make_inputs(1, 1, 1, 600, 4, 64, torch.float16)
     assert_matches_reference(q_obs, k, key_mask=left_padding_mask(1, 600, 4))
 
 
 def test_key_splits_policy():
     cpu = torch.device("cpu")
-    assert window_scores_module.key_splits(100, 1, cpu) == 1  # too short to split
-    assert window_scores_module.key_splits(100_000, 1000, cpu) == 1  # enough programs already
-    assert window_scores_module.key_splits(100_000, 1, cpu) == window_scores_module.PROGRAMS_PER_SM
+    assert window_scores_kernel.key_splits(100, 1, cpu) == 1  # too short to split
+    assert window_scores_kernel.key_splits(100_000, 1000, cpu) == 1  # enough programs already
+    assert window_scores_kernel.key_splits(100_000, 1, cpu) == window_scores_kernel.PROGRAMS_PER_SM
 
 
 def test_rows_without_visible_keys_score_zero():
@@ -253,7 +248,7 @@ CUDA_CASES = CASES + [
 ]
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize(CASE_NAMES, CUDA_CASES, ids=[case_id(case) for case in CUDA_CASES])
 def test_matches_reference_cuda(
     monkeypatch, kv_heads, group, seq_len, window, head_dim, dtype, pool_kernel, padded, splits
@@ -266,9 +261,9 @@ def test_matches_reference_cuda(
     assert_matches_reference(q_obs, k, key_mask=key_mask, pool_kernel=pool_kernel)
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_default_split_policy_cuda(dtype):
     q_obs, k = make_inputs(1, 2, 4, 20_000, 32, 128, dtype, device="cuda")
-    assert window_scores_module.key_splits(20_000, 2, k.device) > 1
+    assert window_scores_kernel.key_splits(20_000, 2, k.device) > 1
     assert_matches_reference(q_obs, k, key_mask=left_padding_mask(1, 20_000, 32, device="cuda"))

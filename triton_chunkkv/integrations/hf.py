@@ -601,12 +601,12 @@ def _select_one(session, layer_idx, input_ids, query, key, scaling) -> Selection
         session.policy,
         query,
         key,
-        budget=budget,
+        budgets=[budget],
         layer=layer_idx,
         num_layers=session.state.num_layers,
         input_ids=input_ids,
         scaling=scaling,
-    )
+    )[0]
 
 
 def _select(session, layer_idx, query, key, pads, scaling):

@@ -94,12 +94,12 @@ class ChunkKVCache:
                 self.policy,
                 query,
                 self.keys,
-                budget=budget,
+                budgets=[budget],
                 layer=self.layer,
                 num_layers=self.num_layers,
                 input_ids=input_ids,
                 scaling=scaling,
-            )
+            )[0]
         if self.selection is not None and self.mode == "evict":
             s = self.selection
             self.keys, self.values = ops.gather_chunks(

@@ -1,14 +1,17 @@
 """ChunkKV ops: Triton kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1``), the torch
-reference otherwise. Semantics: ``SPEC.md``; the reference is :mod:`.reference`."""
+reference otherwise. Semantics: ``SPEC.md``; the reference is :mod:`.reference`; one module per
+kernel in :mod:`.kernels`."""
 
 from . import reference
-from .chunk_sum import chunk_sum
-from .compress import compress, compress_layers
-from .gather import gather_chunks
+from .kernels.chunk_sum import chunk_sum
+from .kernels.gather import gather_chunks
+from .kernels.select_chunks import select_chunks
+from .kernels.sparse_decode import sparse_decode
+from .kernels.window_scores import window_scores
 from .reference import Compressed
-from .select_chunks import select_chunks
-from .sparse_decode import sparse_decode
-from .window_scores import window_scores
+
+# Last: compress composes the ChunkKV policy, which composes the kernels above.
+from .compression import compress, compress_layers  # noqa: E402, I001
 
 __all__ = [
     "Compressed",

@@ -54,6 +54,11 @@ def check_int(name: str, value, minimum: int | None = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def check_gqa(q_name: str, num_q_heads: int, num_kv_heads: int) -> int:
     """Returns the GQA group size ``Hq // Hkv``."""
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:

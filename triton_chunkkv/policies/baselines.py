@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import reference
 from ..ops._checks import check_int, check_pool_kernel
-from . import ChunkKV, Policy, Selection
+from .base import Policy, Selection
+from .chunkkv import ChunkKV
 
 
 @dataclass
@@ -31,7 +32,9 @@ class FullKV(Policy):
     window = 0
     name = "fullkv"
 
-    def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
+    def select(
+        self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+    ):
         return None
 
 
@@ -47,7 +50,9 @@ class StreamingLLM(Policy):
     def __post_init__(self):
         check_int("sink_tokens", self.sink_tokens, minimum=0)
 
-    def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
+    def select(
+        self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+    ):
         B, Hkv, T, _ = k.shape
         if budget >= T:
             return None
@@ -84,18 +89,9 @@ class H2O(Policy):
         check_pool_kernel(self.pool_kernel)
         check_int("query_block", self.query_block, minimum=1)
 
-    def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
-        return self.select_many(
-            q_obs,
-            k,
-            budgets=[budget],
-            layer=layer,
-            num_layers=num_layers,
-            key_mask=key_mask,
-            scaling=scaling,
-        )[0]
-
-    def select_many(self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None):
+    def select_many(
+        self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+    ):
         T = k.shape[2]
         if q_obs is None or q_obs.shape[2] != T:
             got = None if q_obs is None else q_obs.shape[2]
@@ -109,6 +105,8 @@ class H2O(Policy):
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
         scores = ops.chunk_sum(self.accumulated_attention(q_obs, k, key_mask, scaling), 1, recent)
+        if reduce_scores is not None:
+            scores = reduce_scores(scores)
         return [
             None if n_keep is None else Selection(ops.select_chunks(scores, n_keep), 1, T - recent)
             for n_keep in n_keeps

@@ -18,7 +18,7 @@ import torch
 from .. import ops
 from ..ops import reference
 from ..ops._checks import check_chunking, check_int, check_pool_kernel
-from . import Policy, Selection
+from .base import Policy, Selection
 
 PHRASE_MARKS = ".,;:!?\n"
 
@@ -37,6 +37,7 @@ class PhraseChunkKV(Policy):
     pool_kernel: int = 1
     marks: str = PHRASE_MARKS
     name = "chunkkv_phrase"
+    reads_text = True
     _segments: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _ends_phrase: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -73,18 +74,9 @@ class PhraseChunkKV(Policy):
         starts_chunk = starts_phrase | ((pos - phrase_start) % self.max_chunk == 0)
         return (starts_chunk.long().cumsum(dim=1) - 1).to(input_ids.device)
 
-    def select(self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None):
-        return self.select_many(
-            q_obs,
-            k,
-            budgets=[budget],
-            layer=layer,
-            num_layers=num_layers,
-            key_mask=key_mask,
-            scaling=scaling,
-        )[0]
-
-    def select_many(self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None):
+    def select_many(
+        self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+    ):
         B, H, T, _ = k.shape
         if self._segments is None or tuple(self._segments.shape) != (B, T):
             raise ValueError(
@@ -98,6 +90,8 @@ class PhraseChunkKV(Policy):
             q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=self.pool_kernel
         )
         token_scores = ops.chunk_sum(scores, 1, self.window)  # [B, H, T - window]
+        if reduce_scores is not None:
+            token_scores = reduce_scores(token_scores)
         segments = self._segments[:, : T - self.window]
         selections = []
         for n_keep in n_keeps:

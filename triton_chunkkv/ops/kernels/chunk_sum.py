@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import check_chunking, check_tensor
-from ._runtime import bucket, empty_output, tuned, use_triton
+from .. import reference
+from .._checks import check_chunking, check_tensor
+from .._runtime import bucket, empty_output, tuned, use_triton
 
 # Chunk positions are read in tiles of at most this many columns (a chunk of 10 reads 16).
 MAX_CHUNK_BLOCK = 64

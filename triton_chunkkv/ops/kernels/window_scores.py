@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import (
+from .. import reference
+from .._checks import (
     check_dim,
     check_gqa,
     check_pool_kernel,
@@ -33,7 +33,7 @@ from ._checks import (
     check_scaling,
     check_tensor,
 )
-from ._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
+from .._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
 
 # Pass 1 wants a few programs per SM; each split then covers at least this many keys, because a
 # split adds g * w statistics to merge.

@@ -1,16 +1,21 @@
-"""One layer of ChunkKV (SPEC steps 1-7), and layer-wise index reuse (SPEC Algorithm 2)."""
+"""``compress`` (SPEC steps 1-7 for one layer) and ``compress_layers`` (with SPEC Algorithm 2's
+index reuse): the :class:`~triton_chunkkv.policies.ChunkKV` policy's selection, then the gather.
+
+These are the compositions every adapter runs, so the op benchmarks time what users run. They
+sit above the policies (which compose the kernels), under the ``ops`` name for convenience.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..policies.base import group_leader
+from ..policies.chunkkv import ChunkKV
 from . import reference
 from ._checks import check_budget, check_chunking, check_int, check_key_value, check_pool_kernel
-from .chunk_sum import _chunk_sum
-from .gather import _gather_chunks
+from .kernels.gather import _gather_chunks
+from .kernels.window_scores import check_window_inputs
 from .reference import Compressed
-from .select_chunks import select_chunks
-from .window_scores import _window_scores, check_window_inputs
 
 
 def check_layer(q_obs, k, v, key_mask, scaling, window) -> None:
@@ -49,35 +54,11 @@ def compress(
     """
     check_options(budget, ratio, chunk_size, window, pool_kernel, k.shape[2])
     check_layer(q_obs, k, v, key_mask, scaling, window)
-    return _compress(
-        q_obs,
-        k,
-        v,
-        budget=budget,
-        ratio=ratio,
-        chunk_size=chunk_size,
-        window=window,
-        key_mask=key_mask,
-        scaling=scaling,
-        share_heads=share_heads,
-        pool_kernel=pool_kernel,
+    policy = ChunkKV(
+        chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
     )
-
-
-def _compress(
-    q_obs, k, v, *, budget, ratio, chunk_size, window, key_mask, scaling, share_heads, pool_kernel
-) -> Compressed:
-    B, Hkv, T, _ = k.shape
-    p0 = reference.tail_start(T, chunk_size, window)
-    budget = reference.resolve_budget(T, budget, ratio)
-    n_keep = reference.num_kept_chunks(T, budget, chunk_size, window)
-    if n_keep is None:
-        return Compressed(k, v, reference.all_chunks(B, Hkv, T, chunk_size, window, k.device), p0)
-    scores = _window_scores(q_obs, k, key_mask, scaling, pool_kernel)
-    chunk_idx = select_chunks(
-        _chunk_sum(scores, chunk_size, window), n_keep, share_heads=share_heads
-    )
-    return Compressed(*_gather_chunks(k, v, chunk_idx, chunk_size, p0), chunk_idx, p0)
+    selection = _select(policy, q_obs, k, budget, ratio, key_mask, scaling)
+    return _gather(policy, k, v, selection)
 
 
 def compress_layers(
@@ -108,21 +89,40 @@ def compress_layers(
                 f"of layers[0] k {tuple(layers[0][1].shape)}"
             )
         # A reused layer's own q_obs is never read: its group leader's is checked instead.
-        check_layer(layers[layer - layer % reuse_layers][0], k, v, key_mask, scaling, window)
-    options = dict(
-        budget=budget,
-        ratio=ratio,
-        chunk_size=chunk_size,
-        window=window,
+        check_layer(layers[group_leader(layer, reuse_layers)][0], k, v, key_mask, scaling, window)
+    policy = ChunkKV(
+        chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
+    )
+    selections = {}
+    out = []
+    for layer, (q_obs, k, v) in enumerate(layers):
+        leader = group_leader(layer, reuse_layers)
+        if leader == layer:
+            selections[layer] = _select(policy, q_obs, k, budget, ratio, key_mask, scaling)
+        out.append(_gather(policy, k, v, selections[leader]))
+    return out
+
+
+def _select(policy, q_obs, k, budget, ratio, key_mask, scaling):
+    T = k.shape[2]
+    return policy.select(
+        q_obs,
+        k,
+        budget=reference.resolve_budget(T, budget, ratio),
+        layer=0,
+        num_layers=1,
         key_mask=key_mask,
         scaling=scaling,
-        share_heads=share_heads,
-        pool_kernel=pool_kernel,
     )
-    return reference.compress_layers(
-        layers,
-        reuse_layers=reuse_layers,
-        gather_fn=_gather_chunks,
-        compress_fn=_compress,
-        **options,
-    )
+
+
+def _gather(policy, k, v, selection) -> Compressed:
+    """SPEC step 7 for ``selection``; the identity (``k``/``v`` themselves) for ``None``."""
+    B, Hkv, T, _ = k.shape
+    if selection is None:
+        chunk_idx = reference.all_chunks(B, Hkv, T, policy.chunk_size, policy.window, k.device)
+        p0 = reference.tail_start(T, policy.chunk_size, policy.window)
+        return Compressed(k, v, chunk_idx, p0)
+    chunk_idx, chunk_size, tail_start = selection
+    kept = _gather_chunks(k, v, chunk_idx, chunk_size, tail_start)
+    return Compressed(*kept, chunk_idx, tail_start)

@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import check_int, check_key_value, check_same, check_tensor
-from ._runtime import bucket, empty_output, tuned, use_triton
+from .. import reference
+from .._checks import check_int, check_key_value, check_same, check_tensor
+from .._runtime import bucket, empty_output, tuned, use_triton
 
 
 def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks) -> None:

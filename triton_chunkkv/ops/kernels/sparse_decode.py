@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from ._checks import (
+from .. import reference
+from .._checks import (
     check_dim,
     check_gqa,
     check_int,
@@ -31,7 +31,7 @@ from ._checks import (
     check_scaling,
     check_tensor,
 )
-from ._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
+from .._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from ._checks import check_int, check_tensor
+from .. import reference
+from .._checks import check_int, check_tensor
 
 
 def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
@@ -19,4 +19,9 @@ def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
     check_int("n_keep", n_keep, minimum=0)
     if n_keep > chunk_scores.shape[2]:
         raise ValueError(f"n_keep must be <= the {chunk_scores.shape[2]} chunks, got {n_keep}")
+    return _select_chunks(chunk_scores, n_keep, share_heads)
+
+
+def _select_chunks(chunk_scores, n_keep, share_heads) -> torch.Tensor:
+    """Unchecked dispatch: a stable sort in torch on every device."""
     return reference.select_chunks(chunk_scores, n_keep, share_heads=share_heads)
