@@ -3,15 +3,13 @@ reference otherwise. Semantics: ``SPEC.md``; the reference is :mod:`.reference`;
 kernel in :mod:`.kernels`."""
 
 from . import reference
+from .compression import compress, compress_layers
 from .kernels.chunk_sum import chunk_sum
 from .kernels.gather import gather_chunks
 from .kernels.select_chunks import select_chunks
 from .kernels.sparse_decode import sparse_decode
 from .kernels.window_scores import window_scores
 from .reference import Compressed
-
-# Last: compress composes the ChunkKV policy, which composes the kernels above.
-from .compression import compress, compress_layers  # noqa: E402, I001
 
 __all__ = [
     "Compressed",

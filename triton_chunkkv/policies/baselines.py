@@ -33,7 +33,16 @@ class FullKV(Policy):
     name = "fullkv"
 
     def select(
-        self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+        self,
+        q_obs,
+        k,
+        *,
+        budget,
+        layer,
+        num_layers,
+        key_mask=None,
+        scaling=None,
+        reduce_scores=None,
     ):
         return None
 
@@ -51,7 +60,16 @@ class StreamingLLM(Policy):
         check_int("sink_tokens", self.sink_tokens, minimum=0)
 
     def select(
-        self, q_obs, k, *, budget, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+        self,
+        q_obs,
+        k,
+        *,
+        budget,
+        layer,
+        num_layers,
+        key_mask=None,
+        scaling=None,
+        reduce_scores=None,
     ):
         B, Hkv, T, _ = k.shape
         if budget >= T:
@@ -90,7 +108,16 @@ class H2O(Policy):
         check_int("query_block", self.query_block, minimum=1)
 
     def select_many(
-        self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+        self,
+        q_obs,
+        k,
+        *,
+        budgets,
+        layer,
+        num_layers,
+        key_mask=None,
+        scaling=None,
+        reduce_scores=None,
     ):
         T = k.shape[2]
         if q_obs is None or q_obs.shape[2] != T:

@@ -75,7 +75,16 @@ class PhraseChunkKV(Policy):
         return (starts_chunk.long().cumsum(dim=1) - 1).to(input_ids.device)
 
     def select_many(
-        self, q_obs, k, *, budgets, layer, num_layers, key_mask=None, scaling=None, reduce_scores=None
+        self,
+        q_obs,
+        k,
+        *,
+        budgets,
+        layer,
+        num_layers,
+        key_mask=None,
+        scaling=None,
+        reduce_scores=None,
     ):
         B, H, T, _ = k.shape
         if self._segments is None or tuple(self._segments.shape) != (B, T):
