@@ -484,6 +484,40 @@ def test_repeated_rows_keep_their_row_state(mode):
     torch.testing.assert_close(logits[2], logits[3])
 
 
+class FailsAtLayer(ChunkKV):
+    """ChunkKV that raises when it reaches ``fail_layer``."""
+
+    fail_layer = 1
+
+    def select(self, q_obs, k, *, layer, **kwargs):
+        if layer == self.fail_layer:
+            raise RuntimeError(f"policy failed at layer {layer}")
+        return super().select(q_obs, k, layer=layer, **kwargs)
+
+
+def test_a_policy_error_leaves_the_cache_and_state_as_they_were():
+    """All or nothing: layer 0's compression is not swapped in when layer 1's selection fails
+    (it once left [CompressedLayer, DynamicLayer, DynamicLayer])."""
+    model = tiny_model(num_layers=3)
+    input_ids = prompt(60)
+    with chunkkv(model, ratio=0.4, policy=FailsAtLayer(chunk_size=CHUNK, window=WINDOW)) as state:
+        first = DynamicCache(config=model.config)
+        FailsAtLayer.fail_layer = 99
+        with torch.no_grad():
+            model(input_ids, **cache_kwargs(model, first), use_cache=True)
+        before = (list(state.kept_lengths), state.prefills)
+        FailsAtLayer.fail_layer = 1
+        cache = DynamicCache(config=model.config)
+        with pytest.raises(RuntimeError, match="policy failed at layer 1"), torch.no_grad():
+            model(input_ids, **cache_kwargs(model, cache), use_cache=True)
+        assert not any(isinstance(layer, CompressedLayer) for layer in cache.layers)
+        assert (state.kept_lengths, state.prefills) == before
+        FailsAtLayer.fail_layer = 99  # the next prefill runs normally
+        with torch.no_grad():
+            model(input_ids, **cache_kwargs(model, DynamicCache(config=model.config)))
+    assert state.prefills == 2
+
+
 def test_exit_restores_the_model_even_after_an_error():
     model = tiny_model()
     with pytest.raises(RuntimeError, match="boom"):

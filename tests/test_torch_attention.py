@@ -132,3 +132,28 @@ def test_leader_selection_is_reused_without_scoring():
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_a_refused_call_leaves_the_cache_as_it_was():
+    """A call with a wrong dtype must not append to the cache first (it once did: the next good
+    call then saw the prompt twice and compressed nothing)."""
+    cache = ChunkKVCache(budget=30, policy=ChunkKV(**POLICY))
+    query, key, value = qkv(60)
+    with pytest.raises(ValueError, match="dtype"):
+        chunkkv_attention(query.half(), key, value, cache)
+    assert cache.seq_len == 0 and cache.keys is None
+    chunkkv_attention(query, key, value, cache)
+    assert cache.seq_len == 60 and cache.selection is not None
+    q_new, k_new, v_new = qkv(1)
+    with pytest.raises(ValueError, match="dtype"):
+        chunkkv_attention(q_new, k_new.half(), v_new, cache)
+    assert cache.seq_len == 60 and cache.keys.shape[2] == 30
+
+
+def test_for_layers_wires_the_group_leaders():
+    caches = ChunkKVCache.for_layers(5, reuse_layers=2, ratio=0.3, policy=ChunkKV(**POLICY))
+    assert [c.leader for c in caches] == [None, caches[0], None, caches[2], None]
+    for cache in caches:
+        chunkkv_attention(*qkv(81), cache)
+    assert caches[1].selection is caches[0].selection
+    assert caches[3].selection is caches[2].selection

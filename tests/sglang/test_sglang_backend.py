@@ -104,7 +104,7 @@ def test_budget_covering_every_prompt_decodes_exactly_like_triton(make_harness, 
         for layer in range(harness.num_layers):
             assert not ours[layer].isnan().any()
             assert torch.equal(ours[layer], theirs[layer])
-    assert all(state.chunk_idx is None for state in chunkkv.requests.values())
+    assert all(state.selections is None for state in chunkkv.requests.values())
 
 
 @pytest.mark.parametrize(
@@ -131,7 +131,7 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
                 expected, selected = expected_decode(harness, request, layer, **mode)
                 state = chunkkv.requests[row]
                 if selected.keys.shape[2] == lens[request]:
-                    assert state.chunk_idx is None  # identity: decode stays dense
+                    assert state.selections is None  # identity: decode stays dense
                     # SGLang's decode kernel runs tl.dot on bf16 operands, which the Triton
                     # interpreter gets wrong: compare with it in float16 only.
                     if dtype == torch.float16:
@@ -139,8 +139,8 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
                             ours[layer][request], theirs[layer][request], **tolerance
                         )
                 else:
-                    assert torch.equal(state.chunk_idx[layer], selected.chunk_idx[0])
-                    assert state.tail_start == selected.tail_start
+                    assert torch.equal(state.selections[layer].chunk_idx, selected.chunk_idx)
+                    assert state.selections[layer].tail_start == selected.tail_start
                 torch.testing.assert_close(ours[layer][request], expected, **tolerance)
 
 
@@ -190,7 +190,7 @@ def test_finishing_a_request_clears_its_entry(make_harness, monkeypatch):
     prefill(harness, chunkkv, [29, 33], chunked=False)
     harness.decode([chunkkv])
     finished, running = harness.rows
-    assert chunkkv.requests[finished].chunk_idx is not None
+    assert chunkkv.requests[finished].selections is not None
     harness.req_to_token_pool.free_rows([finished])
     assert finished not in chunkkv.requests and running in chunkkv.requests
     # The row's next request starts a fresh entry.
@@ -232,7 +232,7 @@ def test_shared_heads_sum_chunk_scores_across_tensor_parallel_ranks(make_harness
     n_keep = reference.num_kept_chunks(prompt_len, 20, CHUNK, WINDOW)
     both_ranks = torch.cat([own_scores, other_scores], dim=1)
     expected = reference.select_chunks(both_ranks, n_keep, share_heads=True)[:, :1]
-    assert torch.equal(chunkkv.requests[harness.rows[0]].chunk_idx, expected)
+    assert torch.equal(chunkkv.requests[harness.rows[0]].selections[0].chunk_idx, expected)
 
 
 def test_unsupported_configurations_fail_clearly(make_harness, monkeypatch):

@@ -7,7 +7,8 @@ prompt once, keeps each layer's RoPE'd queries, keys and values, and for each po
 1. calls the policy per layer exactly as the HF adapter does (the last
    ``observation_window(policy, T)`` queries, the uniform budget, the layer index), through
    ``policy.select_many`` so that the scores serve every budget;
-2. compacts each layer with ``ops.gather_chunks`` (SPEC step 7);
+2. compacts each layer as the adapters' evict mode does (``cache.compress_layer``, SPEC
+   step 7);
 3. decodes greedily over the compacted cache, positions continuing at ``T`` (SPEC
    "Positions").
 
@@ -31,14 +32,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .. import ops
+from .. import cache as core
 from ..integrations.hf import cache_kwargs
 from ..ops import reference
-from ..policies import Policy, Selection, observation_window
+from ..policies import Policy, Selection, group_leader, select_prompt
 
 ATTENTION_NAME = "chunkkv_eval"
 
@@ -63,25 +63,9 @@ class Recorder:
 _RECORDER: Recorder | None = None
 
 
-def visible_keys(
-    q_len: int, kv_len: int, key_start, device, *, sdpa: bool = True
-) -> torch.Tensor | None:
-    """bool ``[C or 1, 1, q, kv]`` (True: attend). Query ``i`` sits at cache index
-    ``kv - q + i`` and sees the keys up to it, from its row's ``key_start`` on. With ``sdpa``,
-    ``None`` where SDPA needs no mask (one query, or its top-left causal flag is exact)."""
-    if key_start is None and (q_len == 1 or (sdpa and q_len == kv_len)):
-        return None
-    key_pos = torch.arange(kv_len, device=device)
-    allowed = key_pos[None, :] <= torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    allowed = allowed[None, None]
-    if key_start is not None:
-        allowed = allowed & (key_pos[None, :] >= key_start[:, None])[:, None, None, :]
-    return allowed
-
-
 def exact_attention(query, key, value, scaling, mask):
     """float32 ``(probs [C, Hq, q, kv], out [C, Hq, q, D])``; ``mask`` from
-    :func:`visible_keys` (``None``: every key visible)."""
+    ``cache.causal_mask`` (``None``: every key visible)."""
     group = query.shape[1] // key.shape[1]
     logits = scaling * query.float() @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)
     if mask is not None:
@@ -91,7 +75,7 @@ def exact_attention(query, key, value, scaling, mask):
 
 
 def eval_attention(
-    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs
+    module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs
 ):
     """``AttentionInterface`` entry, active inside :func:`recording`."""
     recorder = _RECORDER
@@ -107,8 +91,9 @@ def eval_attention(
         recorder.queries[layer], recorder.keys[layer], recorder.values[layer] = query, key, value
     q_len = query.shape[2]
     # transformers builds no mask for an unregistered implementation: attention_mask is None.
-    mask = visible_keys(
-        q_len, key.shape[2], recorder.key_start.get(layer), query.device, sdpa=not recorder.exact
+    key_valid = core.valid_keys(recorder.key_start.get(layer), key.shape[2])
+    mask = core.causal_mask(
+        q_len, key.shape[2], key_valid, device=query.device, sdpa=not recorder.exact
     )
     if recorder.exact:
         probs, out = exact_attention(query, key, value, scaling, mask)
@@ -172,25 +157,27 @@ def prefill(model, input_ids: torch.Tensor) -> Prefill:
     )
 
 
-def select_layers(pre: Prefill, policy: Policy, budgets) -> list[list[Selection | None]]:
+def select_layers(
+    pre: Prefill, policy: Policy, budgets, reuse_layers: int = 1
+) -> list[list[Selection | None]]:
     """``policy``'s selection in every layer (inner list) for each of ``budgets`` (outer list),
-    called as the HF adapter calls ``policy.select``, its scores computed once per layer."""
-    policy.on_prompt(pre.input_ids)
-    T = pre.seq_len
-    window = observation_window(policy, T)
+    as the adapters call it, its scores computed once per layer; with ``reuse_layers`` a layer
+    takes its group leader's selections (SPEC Algorithm 2)."""
     per_layer = []
     for layer in range(pre.num_layers):
-        if T < window:  # the prompt fits in the observation window: nothing to score
-            per_layer.append([None] * len(budgets))
+        leader = group_leader(layer, reuse_layers)
+        if leader < layer:
+            per_layer.append(per_layer[leader])
             continue
-        q_obs = pre.queries[layer][:, :, T - window :] if window else None
         per_layer.append(
-            policy.select_many(
-                q_obs,
+            select_prompt(
+                policy,
+                pre.queries[layer],
                 pre.keys[layer],
                 budgets=budgets,
                 layer=layer,
                 num_layers=pre.num_layers,
+                input_ids=pre.input_ids,
                 scaling=pre.scaling,
             )
         )
@@ -201,11 +188,8 @@ def compact(pre: Prefill, selections) -> list[tuple[torch.Tensor, torch.Tensor]]
     """Each layer's ``(keys, values)`` after SPEC step 7 (the prefill's own when ``None``)."""
     out = []
     for k, v, selection in zip(pre.keys, pre.values, selections):
-        if selection is not None:
-            k, v = ops.gather_chunks(
-                k, v, selection.chunk_idx, selection.chunk_size, selection.tail_start
-            )
-        out.append((k, v))
+        compressed = core.compress_layer("evict", k, v, selection, [0])
+        out.append((k, v) if compressed is None else (compressed.keys, compressed.values))
     return out
 
 
@@ -224,12 +208,9 @@ def stack_caches(caches) -> tuple[list, dict]:
     ``key_start`` (int64 ``[C]``) for the layers whose rows differ in length."""
     layers, key_start = [], {}
     for layer, rows in enumerate(zip(*caches)):
-        width = max(k.shape[2] for k, _ in rows)
-        pads = [width - k.shape[2] for k, _ in rows]
-        if any(pads):
-            key_start[layer] = torch.tensor(pads, device=rows[0][0].device)
-        keys = torch.cat([F.pad(k, (0, 0, pad, 0)) for (k, _), pad in zip(rows, pads)])
-        values = torch.cat([F.pad(v, (0, 0, pad, 0)) for (_, v), pad in zip(rows, pads)])
+        keys, values, starts = core.left_pad_stack(rows)
+        if starts is not None:
+            key_start[layer] = starts
         layers.append((keys, values))
     return layers, key_start
 

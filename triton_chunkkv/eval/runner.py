@@ -30,7 +30,8 @@ RESUME_FIELDS = ("model", "seed", "chat", "engine", "dtype")
 
 @dataclass(frozen=True)
 class Method:
-    """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``."""
+    """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``; the option
+    ``reuse_layers=N`` is the adapters' layer-wise index reuse, not a policy option."""
 
     name: str
     options: tuple[tuple[str, object], ...] = ()
@@ -41,8 +42,12 @@ class Method:
             return self.name
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options)
 
+    @property
+    def reuse_layers(self) -> int:
+        return dict(self.options).get("reuse_layers", 1)
+
     def policy(self, tokenizer) -> Policy:
-        options = dict(self.options)
+        options = {k: v for k, v in self.options if k != "reuse_layers"}
         if "tokenizer" in getattr(POLICIES[self.name], "__dataclass_fields__", {}):
             options["tokenizer"] = tokenizer
         return make_policy(self.name, **options)
@@ -111,12 +116,14 @@ def check_resume(out_dir: Path, run_info: dict) -> None:
     path.write_text(json.dumps(run_info, indent=2) + "\n")
 
 
-def generate_with_adapter(model, input_ids, policy, budget, max_new_tokens, stop_ids):
+def generate_with_adapter(
+    model, input_ids, policy, budget, max_new_tokens, stop_ids, reuse_layers=1
+):
     """Per-layer selections and tokens of ``chunkkv(model, policy=...)`` + ``generate``."""
     from ..integrations.hf import chunkkv
 
-    with chunkkv(model, budget=budget, policy=policy) as state, torch.no_grad():
-        policy.on_prompt(input_ids)
+    options = dict(budget=budget, policy=policy, reuse_layers=reuse_layers)
+    with chunkkv(model, **options) as state, torch.no_grad():
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -238,13 +245,16 @@ def run_prompt(
                     budget,
                     example.max_new_tokens,
                     stop_ids,
+                    method.reuse_layers,
                 )
                 for budget in budgets
             ]
         else:
             chosen = [
                 (selections, None)
-                for selections in eng.select_layers(pre, method.policy(tokenizer), budgets)
+                for selections in eng.select_layers(
+                    pre, method.policy(tokenizer), budgets, method.reuse_layers
+                )
             ]
         seconds = (time.perf_counter() - select_start) / len(ratios)
         runs += [

@@ -12,22 +12,24 @@ How it hooks in, without patching model code:
   ``AttentionInterface`` and switches the model to it (``set_attn_implementation``); the model's
   previous implementation is restored on exit. The function runs after the layer's cache update,
   with the layer's RoPE'd queries, so on prefill it runs dense causal attention (PyTorch SDPA),
-  then selects and compacts that layer's cache right there.
+  then selects that layer's chunks.
 * A matching ``AttentionMaskInterface`` entry hands the attention function the 2-D padding mask
   as is: after eviction the cache is shorter than the sequence, so the 4-D masks transformers
   would build from the cache length no longer line up; the decode mask is built from each
   layer's own per-row state instead.
 * A forward pre-hook on each attention module finds the ``Cache`` it is called with (the
   argument is ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24; the hook looks
-  for the object, not the name), so the attention function can swap the layer's cache entry for
-  a :class:`CompressedLayer`. A prefill that reaches the attention function without a cache it
-  can compress raises: the context never runs as a silent no-op.
-  That layer reports the true sequence length, so positions never shift (SPEC "Positions"):
-  after a ``T``-token prompt the next token has position ``T`` whatever the kept length.
+  for the object, not the name). A prefill that reaches the attention function without a cache
+  raises: the context never runs as a silent no-op.
+* When the last layer of the prefill has selected, every layer's cache entry is swapped for a
+  :class:`CompressedLayer` at once (an error part way changes nothing). That layer reports the
+  true sequence length, so positions never shift (SPEC "Positions"): after a ``T``-token prompt
+  the next token has position ``T`` whatever the kept length.
 
-Compression happens once per cache, on the forward call that fills an empty cache (the prefill).
-Batches may be left padded (``attention_mask`` zeros at the start of a row): every row then
-selects on its own unpadded prompt, exactly as if it ran alone.
+The selection, compaction and decode bookkeeping is the framework-neutral core in
+:mod:`triton_chunkkv.cache`; this module is transformers plumbing. Batches may be left padded
+(``attention_mask`` zeros at the start of a row): every row then selects on its own unpadded
+prompt, exactly as if it ran alone.
 """
 
 from __future__ import annotations
@@ -38,22 +40,19 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .. import ops
-from ..ops import reference
+from .. import cache as core
 from ..ops._checks import check_budget, check_int
-from ..policies import ChunkKV, Policy, Selection, kept_length, select_prompt
+from ..policies import Policy, Selection, chunk_policy, group_leader, resolve_budget
 
 ATTENTION_NAME = "chunkkv"
-MODES = ("evict", "sparse")
+MODES = core.MODES
 # The layer types whose attention is plain causal softmax over the cached keys.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -116,62 +115,21 @@ class ChunkKVState:
             return None
         return entry._replace(chunk_idx=entry.chunk_idx[row : row + 1])
 
-    def start_prefill(self, prompt_lengths, budgets) -> None:
-        self.prompt_lengths, self.budgets = prompt_lengths, budgets
-        self.selections = [None] * self.num_layers
-        self.kept_lengths = [list(prompt_lengths) for _ in range(self.num_layers)]
-        self.compress_seconds = 0.0
-        self.prefills += 1
-
-
-class SparseIndex(NamedTuple):
-    """What ``ops.sparse_decode`` needs to read a sparse-mode layer's retained set in place."""
-
-    chunk_idx: torch.Tensor  # int32 [B, Hkv, n_max]
-    chunk_size: int
-    tail_start: int | torch.Tensor  # int, or int32 [B] row-local
-    chunk_counts: torch.Tensor | None  # int32 [B] when rows keep different numbers of chunks
-    row_offset: torch.Tensor | None  # int32 [B]: cache index of each row's position 0
-
-    def select_rows(self, rows: torch.Tensor) -> SparseIndex:
-        def pick(t):
-            return t[rows] if isinstance(t, torch.Tensor) else t
-
-        return SparseIndex(
-            self.chunk_idx[rows],
-            self.chunk_size,
-            pick(self.tail_start),
-            pick(self.chunk_counts),
-            pick(self.row_offset),
-        )
-
 
 class CompressedLayer(DynamicLayer):
-    """A ``DynamicLayer`` after ChunkKV's prefill compression.
+    """A ``DynamicLayer`` after ChunkKV's prefill compression (a
+    :class:`~triton_chunkkv.cache.CompressedKV` that transformers can grow): ``keys``/``values``
+    are the compacted prompt (evict) or the whole prompt with ``sparse`` saying what decode
+    reads, then the generated tokens. :meth:`get_seq_length` is the true sequence length."""
 
-    ``evict``: ``keys``/``values`` hold the compacted prompt (rows left padded to a common
-    length) followed by the generated tokens. ``sparse``: they hold everything, and ``sparse``
-    says which prompt positions decode attends to. In both, cache indices below
-    ``key_start[b]`` are padding (``key_start=None``: no padding), and :meth:`get_seq_length`
-    is the true sequence length.
-    """
-
-    def __init__(
-        self,
-        keys,
-        values,
-        *,
-        seq_len: int,
-        key_start: torch.Tensor | None = None,
-        sparse: SparseIndex | None = None,
-    ):
+    def __init__(self, compressed: core.CompressedKV, *, seq_len: int):
         super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values = keys, values
+        self.dtype, self.device = compressed.keys.dtype, compressed.keys.device
+        self.keys, self.values = compressed.keys, compressed.values
         self.is_initialized = True
-        self.dropped = seq_len - keys.shape[-2]
-        self.key_start = key_start
-        self.sparse = sparse
+        self.dropped = seq_len - self.keys.shape[-2]
+        self.key_start = compressed.key_start
+        self.sparse = compressed.sparse
         self.decode_checked = False  # sparse_decode validates the selection on the first step
 
     def get_seq_length(self) -> int:
@@ -204,6 +162,17 @@ class CompressedLayer(DynamicLayer):
 
 
 @dataclass
+class _Prefill:
+    """The prefill in progress: what layer 0 found, and each layer's staged result."""
+
+    cache: Cache
+    prompt_lengths: list[int]
+    budgets: list[int]
+    staged: core.StagedPrefill
+    seconds: float = 0.0
+
+
+@dataclass
 class _Session:
     """One active ``chunkkv`` context: its options, its state, and the caches seen per layer."""
 
@@ -214,9 +183,10 @@ class _Session:
     reuse_layers: int
     state: ChunkKVState
     sliding_window: int | None = None  # the smallest sliding window of any layer
-    caches: dict = field(default_factory=dict)  # layer index -> past_key_values of this call
+    caches: dict = field(default_factory=dict)  # layer index -> the Cache of this call
     awaiting_decode: set = field(default_factory=set)  # layers prefilled, not yet decoded
     input_ids: torch.Tensor | None = None  # the token ids of the current forward call
+    prefill: _Prefill | None = None
 
 
 # Attention module -> its session; the registered attention function looks itself up here.
@@ -269,31 +239,6 @@ def check_model(model) -> list[torch.nn.Module]:
     return modules
 
 
-def make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel) -> Policy:
-    """``policy`` itself, or ``ChunkKV`` built from the chunk options."""
-    chunk_options = dict(
-        chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
-    )
-    if policy is not None:
-        if not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a triton_chunkkv.policies.Policy or None, got "
-                f"{type(policy).__name__}"
-            )
-        changed = [
-            name
-            for name, value in chunk_options.items()
-            if value != ChunkKV.__dataclass_fields__[name].default
-        ]
-        if changed:
-            raise ValueError(
-                f"pass either policy or the ChunkKV options {changed}, not both: "
-                "set them on the policy instead"
-            )
-        return policy
-    return ChunkKV(**chunk_options)  # validates the options
-
-
 @contextmanager
 def chunkkv(
     model,
@@ -330,10 +275,15 @@ def chunkkv(
     the model is touched; on exit the model is exactly as before.
     """
     check_budget(budget, ratio)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    core.check_mode(mode)
     check_int("reuse_layers", reuse_layers, minimum=1)
-    policy = make_chunk_policy(policy, chunk_size, window, share_heads, pool_kernel)
+    policy = chunk_policy(
+        policy,
+        chunk_size=chunk_size,
+        window=window,
+        share_heads=share_heads,
+        pool_kernel=pool_kernel,
+    )
     modules = check_model(model)
 
     state = ChunkKVState(
@@ -418,7 +368,29 @@ def chunkkv_attention(
             "cache in a way the adapter does not know"
         )
     layer = cache.layers[module.layer_idx]
-    sliding_window = kwargs.get("sliding_window")
+    _check_call(session, module, layer, attention_mask, kwargs.get("sliding_window"))
+    continues_cache = isinstance(layer, CompressedLayer) or key.shape[2] > q_len
+    if continues_cache and q_len > 1 and module.layer_idx in session.awaiting_decode:
+        # A multi-token call right after the prefill that selected: a chunked prefill, whose
+        # first chunk was taken for the whole prompt.
+        raise ValueError(
+            "chunkkv selects on the forward call that fills an empty cache, so "
+            "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
+            "prefill the whole prompt in one call"
+        )
+    if q_len == 1:
+        session.awaiting_decode.discard(module.layer_idx)
+    if isinstance(layer, CompressedLayer):
+        return _decode(module, layer, query, key, value, scaling, dropout)
+    key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
+    mask = core.causal_mask(q_len, key.shape[2], key_valid, device=query.device)
+    out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
+    if key.shape[2] == q_len:  # this call filled an empty cache
+        _stage_layer(session, module.layer_idx, cache, query, key, value, attention_mask, scaling)
+    return out
+
+
+def _check_call(session, module, layer, attention_mask, sliding_window) -> None:
     if not isinstance(layer, DynamicLayer):
         raise ValueError(
             f"chunkkv needs a DynamicCache (layers that grow); got a "
@@ -444,139 +416,95 @@ def chunkkv_attention(
             f"the sequence length {seq_len}"
         )
 
-    continues_cache = isinstance(layer, CompressedLayer) or key.shape[2] > q_len
-    if continues_cache and q_len > 1 and module.layer_idx in session.awaiting_decode:
-        # A multi-token call right after the prefill that selected: a chunked prefill, whose
-        # first chunk was taken for the whole prompt.
-        raise ValueError(
-            "chunkkv selects on the forward call that fills an empty cache, so "
-            "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
-            "prefill the whole prompt in one call"
-        )
-    if q_len == 1:
-        session.awaiting_decode.discard(module.layer_idx)
-    if isinstance(layer, CompressedLayer):
-        return _decode(module, layer, query, key, value, scaling, dropout)
-    key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
-    out = _dense(
-        module,
-        query,
-        key,
-        value,
-        _causal_mask(q_len, key.shape[2], key_valid, query.device),
-        scaling,
-        dropout,
-    )
-    if key.shape[2] == q_len:  # this call filled an empty cache
-        _compress_layer(
-            session, module.layer_idx, cache, query, key, value, attention_mask, scaling
-        )
-        session.awaiting_decode.add(module.layer_idx)
-    return out
-
-
-def _dense(module, query, key, value, mask, scaling, dropout):
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-
-
-def _causal_mask(q_len, kv_len, key_valid, device):
-    """bool ``[B, 1, q, kv]`` (True: attend) or ``None`` when SDPA's own causal handling is
-    exact. Query ``i`` sits at key index ``kv_len - q_len + i``; ``key_valid [B, kv]`` marks
-    real (non-padding) keys."""
-    if key_valid is None and q_len in (1, kv_len):
-        return None
-    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    key_pos = torch.arange(kv_len, device=device)[None, :]
-    allowed = (key_pos <= query_pos)[None, None]
-    if key_valid is not None:
-        # A padding query attends to itself only: no row is empty, so no NaN reaches the values.
-        allowed = allowed & (key_valid.bool()[:, None, None, :] | (key_pos == query_pos))
-    return allowed
-
 
 def _decode(module, layer, query, key, value, scaling, dropout):
     """Attention of the new tokens once ``layer`` is compressed."""
-    B, _, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    key_start = layer.key_start
     if layer.sparse is None:  # evict: plain attention over the compacted cache
-        key_valid = None
-        if key_start is not None:
-            key_valid = torch.arange(kv_len, device=key.device)[None, :] >= key_start[:, None]
-        return _dense(
-            module,
-            query,
-            key,
-            value,
-            _causal_mask(q_len, kv_len, key_valid, query.device),
-            scaling,
-            dropout,
+        key_valid = core.valid_keys(layer.key_start, key.shape[2])
+        mask = core.causal_mask(query.shape[2], key.shape[2], key_valid, device=query.device)
+        return sdpa_attention_forward(
+            module, query, key, value, mask, dropout=dropout, scaling=scaling
         )
-    index = layer.sparse
-    if key_start is None:
-        key_start = torch.zeros(B, dtype=torch.int32, device=key.device)
-    outputs = []
-    for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
-        seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
-        outputs.append(
-            ops.sparse_decode(
-                query[:, :, i],
-                key,
-                value,
-                index.chunk_idx,
-                index.chunk_size,
-                index.tail_start,
-                seq_lens,
-                scaling=scaling,
-                row_offset=index.row_offset,
-                chunk_counts=index.chunk_counts,
-                validate=not layer.decode_checked,
-            )
-        )
-        layer.decode_checked = True
-    return torch.stack(outputs, dim=1), None
+    out = core.sparse_attention(
+        query,
+        key,
+        value,
+        layer.sparse,
+        key_start=layer.key_start,
+        scaling=scaling,
+        validate=not layer.decode_checked,
+    )
+    layer.decode_checked = True
+    return out.transpose(1, 2), None
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefill: select and compact one layer
+# Prefill: select each layer, then swap every layer in at once
 # ---------------------------------------------------------------------------------------------
 
 
-def _compress_layer(session, layer_idx, cache, query, key, value, attention_mask, scaling):
-    state = session.state
+def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, scaling):
+    """Selects and compresses one layer of the prefill into the stage; the last layer swaps
+    the whole stage into ``cache`` and the state."""
     B, _, T_pad, _ = key.shape
     if layer_idx == 0:  # every layer of the prefill sees the same padding: read it once
         lengths = [T_pad - pad for pad in _left_padding(attention_mask, B, T_pad, key.device)]
-        state.start_prefill(
-            lengths, [reference.resolve_budget(T, session.budget, session.ratio) for T in lengths]
-        )
-    pads = [T_pad - T for T in state.prompt_lengths]
+        budgets = [resolve_budget(T, session.budget, session.ratio) for T in lengths]
+        staged = core.StagedPrefill(session.state.num_layers)
+        session.prefill = _Prefill(cache, lengths, budgets, staged)
+    prefill = session.prefill
+    if prefill is None or prefill.cache is not cache:
+        raise RuntimeError(f"chunkkv saw layer {layer_idx} of a prefill whose layer 0 it missed")
+    pads = [T_pad - T for T in prefill.prompt_lengths]
     if key.is_cuda:
         torch.cuda.synchronize(key.device)
     start = time.perf_counter()
 
-    leader = session.reuse_layers * (layer_idx // session.reuse_layers)
+    leader = group_leader(layer_idx, session.reuse_layers)
     if layer_idx == leader:
-        selection = _select(session, layer_idx, query, key, pads, scaling)
-    else:
-        selection = state.selections[leader]
-    state.selections[layer_idx] = selection
-
-    if isinstance(selection, list):
-        new_layer = _compress_rows(
-            session.mode, key, value, selection, pads, state.kept_lengths[layer_idx]
+        input_ids = session.input_ids
+        if input_ids is not None and tuple(input_ids.shape) != (B, T_pad):
+            input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
+        selection = core.select_rows(
+            session.policy,
+            query,
+            key,
+            pads=pads,
+            budgets=prefill.budgets,
+            layer=layer_idx,
+            num_layers=session.state.num_layers,
+            input_ids=input_ids,
+            scaling=scaling,
         )
-    elif selection is not None:
-        new_layer = _compress_batch(session.mode, key, value, selection)
-        state.kept_lengths[layer_idx] = [kept_length(selection, T_pad)] * B
     else:
-        new_layer = None
-    if new_layer is not None:
-        cache.layers[layer_idx] = new_layer
+        selection = prefill.staged.layers[leader][0]
+    compressed = core.compress_layer(session.mode, key, value, selection, pads)
 
     if key.is_cuda:
         torch.cuda.synchronize(key.device)
-    state.compress_seconds += time.perf_counter() - start
+    prefill.seconds += time.perf_counter() - start
+    if prefill.staged.stage(layer_idx, (selection, compressed)):
+        _commit(session, prefill)
+
+
+def _commit(session, prefill: _Prefill) -> None:
+    """Every layer has its result: swap them into the cache and the state together."""
+    state = session.state
+    layers = [prefill.staged.layers[layer] for layer in range(state.num_layers)]
+    for layer, (_, compressed) in enumerate(layers):
+        if compressed is not None:
+            seq_len = prefill.cache.layers[layer].get_seq_length()
+            prefill.cache.layers[layer] = CompressedLayer(compressed, seq_len=seq_len)
+    state.prompt_lengths, state.budgets = prefill.prompt_lengths, prefill.budgets
+    state.selections = [selection for selection, _ in layers]
+    state.kept_lengths = [
+        list(prefill.prompt_lengths) if compressed is None else compressed.kept_lengths
+        for _, compressed in layers
+    ]
+    state.compress_seconds = prefill.seconds
+    state.prefills += 1
+    session.awaiting_decode = set(range(state.num_layers))
+    session.prefill = None
 
 
 def _left_padding(attention_mask, batch, T_pad, device) -> list[int]:
@@ -592,114 +520,6 @@ def _left_padding(attention_mask, batch, T_pad, device) -> list[int]:
             "(zeros first, then ones); use tokenizer.padding_side = 'left'"
         )
     return [T_pad - int(n) for n in lengths.tolist()]
-
-
-def _select_one(session, layer_idx, input_ids, query, key, scaling) -> Selection | None:
-    """The policy's choice for rows of one common length ``T`` (no padding)."""
-    budget = reference.resolve_budget(key.shape[2], session.budget, session.ratio)
-    return select_prompt(
-        session.policy,
-        query,
-        key,
-        budgets=[budget],
-        layer=layer_idx,
-        num_layers=session.state.num_layers,
-        input_ids=input_ids,
-        scaling=scaling,
-    )[0]
-
-
-def _select(session, layer_idx, query, key, pads, scaling):
-    """One batch Selection (or None) without padding; per-row selections with padding."""
-    input_ids = session.input_ids
-    if input_ids is not None and tuple(input_ids.shape) != (key.shape[0], key.shape[2]):
-        input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
-    if not any(pads):
-        return _select_one(session, layer_idx, input_ids, query, key, scaling)
-    return [
-        _select_one(
-            session,
-            layer_idx,
-            None if input_ids is None else input_ids[row : row + 1, pad:],
-            query[row : row + 1, :, pad:],
-            key[row : row + 1, :, pad:],
-            scaling,
-        )
-        for row, pad in enumerate(pads)
-    ]
-
-
-def _compress_batch(mode, key, value, selection: Selection) -> CompressedLayer:
-    T = key.shape[2]
-    if mode == "sparse":
-        index = SparseIndex(
-            selection.chunk_idx.to(torch.int32),
-            selection.chunk_size,
-            selection.tail_start,
-            None,
-            None,
-        )
-        return CompressedLayer(key, value, seq_len=T, sparse=index)
-    keys, values = ops.gather_chunks(
-        key, value, selection.chunk_idx, selection.chunk_size, selection.tail_start
-    )
-    return CompressedLayer(keys, values, seq_len=T)
-
-
-def _compress_rows(mode, key, value, selections, pads, kept_lengths) -> CompressedLayer | None:
-    """Left-padded batch: each row compacts (evict) or indexes (sparse) its own selection."""
-    if all(selection is None for selection in selections):
-        return None
-    B, Hkv, T_pad, _ = key.shape
-    device = key.device
-    for row, (selection, pad) in enumerate(zip(selections, pads)):
-        if selection is not None:
-            kept_lengths[row] = kept_length(selection, T_pad - pad)
-    if mode == "sparse":
-        chunk_sizes = {s.chunk_size for s in selections if s is not None}
-        if len(chunk_sizes) > 1:
-            raise ValueError(
-                f"the policy chose different chunk sizes {sorted(chunk_sizes)} "
-                "for the rows of one layer"
-            )
-        counts = [0 if s is None else s.chunk_idx.shape[2] for s in selections]
-        chunk_idx = torch.zeros(B, Hkv, max(counts), dtype=torch.int32, device=device)
-        for row, selection in enumerate(selections):
-            if selection is not None:
-                chunk_idx[row, :, : counts[row]] = selection.chunk_idx[0]
-        # A row that keeps everything: no chunks, and a dense range from its position 0.
-        tails = [0 if s is None else s.tail_start for s in selections]
-
-        def as_int32(values):
-            return torch.tensor(values, dtype=torch.int32, device=device)
-
-        index = SparseIndex(
-            chunk_idx, chunk_sizes.pop(), as_int32(tails), as_int32(counts), as_int32(pads)
-        )
-        return CompressedLayer(
-            key, value, seq_len=T_pad, key_start=torch.tensor(pads, device=device), sparse=index
-        )
-    rows_k, rows_v = [], []
-    for row, (selection, pad) in enumerate(zip(selections, pads)):
-        k, v = key[row : row + 1, :, pad:], value[row : row + 1, :, pad:]
-        if selection is not None:
-            k, v = ops.gather_chunks(
-                k, v, selection.chunk_idx, selection.chunk_size, selection.tail_start
-            )
-        rows_k.append(k)
-        rows_v.append(v)
-    width = max(k.shape[2] for k in rows_k)
-
-    def left_pad(t):
-        return F.pad(t, (0, 0, width - t.shape[2], 0))
-
-    key_start = torch.tensor([width - k.shape[2] for k in rows_k], device=device)
-    return CompressedLayer(
-        torch.cat([left_pad(k) for k in rows_k]),
-        torch.cat([left_pad(v) for v in rows_v]),
-        seq_len=T_pad,
-        key_start=key_start,
-    )
 
 
 AttentionInterface.register(ATTENTION_NAME, chunkkv_attention)

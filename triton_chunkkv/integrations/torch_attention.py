@@ -1,46 +1,31 @@
 """ChunkKV for hand-written attention: one cache object per layer and an attention function.
 
-    caches = [ChunkKVCache(ratio=0.2, layer=i, num_layers=n) for i in range(n)]
-    ...
-    # inside layer i, with RoPE already applied at positions caches[i].seq_len onwards:
-    out = chunkkv_attention(q, k, v, caches[i])  # q [B, Hq, S, D], k/v [B, Hkv, S, D]
+    caches = ChunkKVCache.for_layers(n, ratio=0.2, reuse_layers=2)
+    out = chunkkv_attention(q, k, v, caches[i])  # in layer i; RoPE at positions seq_len.. on
 
-The first call on an empty cache is the prefill: dense causal attention over the prompt, then
-the policy selects and the cache is compressed. Later calls attend to the compacted cache
-(``mode="evict"``) or, through ``ops.sparse_decode``, to the kept chunks of the full cache
-(``mode="sparse"``). Rows of a batch share one prompt length (no padding).
+The call on an empty cache is the prefill (dense causal attention, then selection and
+compression); later calls attend to the compacted cache (``mode="evict"``) or the kept chunks
+of the full cache (``mode="sparse"``). Rows share one prompt length. The bookkeeping is
+:mod:`triton_chunkkv.cache`'s.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import ops
-from ..ops import reference
-from ..ops._checks import check_budget, check_gqa, check_int, check_tensor
-from ..policies import ChunkKV, Policy, Selection, select_prompt
-
-MODES = ("evict", "sparse")
+from .. import cache as core
+from ..ops._checks import check_budget, check_gqa, check_int, check_same, check_tensor
+from ..policies import ChunkKV, Policy, Selection, group_leader, resolve_budget
 
 
 class ChunkKVCache:
     """One layer's KV cache, compressed once after prefill.
 
-    Args:
-        budget / ratio: tokens kept per KV head, or ``floor(ratio * T)``; exactly one.
-        policy: the selection policy (default ``ChunkKV()``: chunk 10, window 32).
-        mode: ``"evict"`` keeps only the compacted keys/values; ``"sparse"`` keeps everything
-            and decodes over the selection with ``ops.sparse_decode``.
-        layer, num_layers: passed to the policy (layer-dependent budgets).
-        leader: another layer's cache whose selection this layer reuses instead of scoring
-            (SPEC Algorithm 2); it must have run its prefill first.
-
-    Attributes:
-        keys, values: ``[B, Hkv, stored, D]``, what attention reads.
-        seq_len: the true sequence length, i.e. the position of the next token.
-        selection: the :class:`~triton_chunkkv.policies.Selection` used, ``None`` when the
-            layer kept everything (or before prefill).
+    ``budget``/``ratio`` (exactly one), ``policy`` (default ``ChunkKV()``), ``mode``, and
+    ``layer``/``num_layers`` for the policy. ``leader``: the cache whose selection this layer
+    reuses (SPEC Algorithm 2; :meth:`for_layers` wires the groups). ``keys``/``values`` are what
+    attention reads, ``seq_len`` the position of the next token, ``selection`` the policy's
+    choice (``None``: kept everything, or before prefill).
     """
 
     def __init__(
@@ -55,115 +40,97 @@ class ChunkKVCache:
         leader: ChunkKVCache | None = None,
     ):
         check_budget(budget, ratio)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(
-                f"policy must be a triton_chunkkv.policies.Policy or None, got "
-                f"{type(policy).__name__}"
-            )
-        if leader is not None and not isinstance(leader, ChunkKVCache):
-            raise TypeError(f"leader must be a ChunkKVCache or None, got {type(leader).__name__}")
+        core.check_mode(mode)
+        for name, value, kind in (("policy", policy, Policy), ("leader", leader, ChunkKVCache)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}")
         check_int("layer", layer, minimum=0)
         check_int("num_layers", num_layers, minimum=layer + 1)
         self.budget, self.ratio, self.mode = budget, ratio, mode
         self.policy = policy if policy is not None else ChunkKV()
         self.layer, self.num_layers, self.leader = layer, num_layers, leader
-        self.keys = self.values = None
+        self.keys = self.values = self.sparse = None
         self.seq_len = 0
         self.selection: Selection | None = None
         self.decode_checked = False  # sparse_decode validates the selection on the first step
 
-    def append(self, key, value) -> None:
-        if self.keys is None:
-            self.keys, self.values = key, value
-        else:
-            self.keys = torch.cat([self.keys, key], dim=2)
-            self.values = torch.cat([self.values, value], dim=2)
-        self.seq_len += key.shape[2]
+    @classmethod
+    def for_layers(cls, num_layers: int, *, reuse_layers=1, **options) -> list[ChunkKVCache]:
+        """One cache per layer, each reusing its group leader's selection."""
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("reuse_layers", reuse_layers, minimum=1)
+        caches: list[ChunkKVCache] = []
+        for layer in range(num_layers):
+            leader = group_leader(layer, reuse_layers)
+            leader = None if leader == layer else caches[leader]
+            caches.append(cls(layer=layer, num_layers=num_layers, leader=leader, **options))
+        return caches
 
-    def compress(self, query, scaling, input_ids=None) -> None:
-        """Select on the prompt now in the cache; in evict mode, keep only what was selected."""
+    def prefill(self, query, key, value, scaling, input_ids=None) -> None:
+        """Select, then keep the compacted (evict) or whole (sparse) prompt: all computed
+        before the cache changes."""
+        pads = [0] * key.shape[0]
         if self.leader is not None:
-            if self.leader.seq_len != self.seq_len:
+            if self.leader.seq_len != key.shape[2]:
                 raise ValueError("leader must run its prefill on the same prompt before this layer")
-            self.selection = self.leader.selection
+            selection = self.leader.selection
         else:
-            budget = reference.resolve_budget(self.seq_len, self.budget, self.ratio)
-            self.selection = select_prompt(
+            budget = resolve_budget(key.shape[2], self.budget, self.ratio)
+            selection = core.select_rows(
                 self.policy,
                 query,
-                self.keys,
+                key,
+                pads=pads,
                 budgets=[budget],
                 layer=self.layer,
                 num_layers=self.num_layers,
                 input_ids=input_ids,
                 scaling=scaling,
-            )[0]
-        if self.selection is not None and self.mode == "evict":
-            s = self.selection
-            self.keys, self.values = ops.gather_chunks(
-                self.keys, self.values, s.chunk_idx, s.chunk_size, s.tail_start
             )
-
-
-def causal_attention(query, key, value, scaling):
-    """Softmax attention where query ``i`` sits at key index ``kv - q + i`` (GQA by repeat)."""
-    q_len, kv_len = query.shape[2], key.shape[2]
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    if q_len in (1, kv_len):  # SDPA's causal flag is exact here
-        return F.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling)
-    mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        kv = core.compress_layer(self.mode, key, value, selection, pads)
+        self.keys, self.values = (key, value) if kv is None else (kv.keys, kv.values)
+        self.sparse = None if kv is None else kv.sparse
+        self.selection, self.seq_len = selection, key.shape[2]
 
 
 def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, input_ids=None):
-    """Append ``key``/``value`` to ``cache`` and attend; ``[B, Hq, S, D]`` like ``query``.
-
-    ``query [B, Hq, S, D]``, ``key``/``value [B, Hkv, S, D]``, RoPE applied at positions
-    ``cache.seq_len`` to ``cache.seq_len + S - 1``. The call on an empty cache is the prefill;
-    there, ``input_ids [B, S]`` (optional) go to ``policy.on_prompt`` for text-aware policies.
-    """
-    check_tensor("query", query, 4)
-    check_tensor("key", key, 4)
-    check_tensor("value", value, 4)
+    """Append ``key``/``value [B, Hkv, S, D]`` to ``cache`` and attend with ``query
+    [B, Hq, S, D]``; returns ``[B, Hq, S, D]``. ``input_ids [B, S]`` (prefill only) go to
+    ``policy.on_prompt``. Every argument is checked before the cache changes."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t, 4)
     if not isinstance(cache, ChunkKVCache):
         raise TypeError(f"cache must be a ChunkKVCache, got {type(cache).__name__}")
     check_gqa("query", query.shape[1], key.shape[1])
     if tuple(value.shape) != tuple(key.shape) or key.shape[2] != query.shape[2]:
         raise ValueError(
-            f"key and value must be [B, Hkv, S, D] with query's S={query.shape[2]},"
-            f" got {tuple(key.shape)} and {tuple(value.shape)}"
+            f"key and value must be [B, Hkv, S, D] with query's S={query.shape[2]}, "
+            f"got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
+    for what in ("dtype", "device"):
+        check_same(what, query=query, key=key, value=value, cache=cache.keys)
+    if cache.keys is not None and key.shape[:2] != cache.keys.shape[:2]:
+        raise ValueError(
+            f"key has [B, Hkv] {list(key.shape[:2])}, the cache {list(cache.keys.shape[:2])}"
         )
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    prefill = cache.seq_len == 0
-    cache.append(key, value)
-    if prefill:
-        out = causal_attention(query, cache.keys, cache.values, scaling)
-        cache.compress(query, scaling, input_ids)
+    if cache.seq_len == 0:
+        out = core.dense_attention(query, key, value, scaling)
+        cache.prefill(query, key, value, scaling, input_ids)
         return out
-    s = cache.selection
-    if s is None or cache.mode == "evict":
-        return causal_attention(query, cache.keys, cache.values, scaling)
-    B, _, q_len, _ = query.shape
-    outputs = []
-    for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
-        seq_lens = torch.full(
-            (B,), cache.seq_len - q_len + i + 1, dtype=torch.int32, device=query.device
-        )
-        outputs.append(
-            ops.sparse_decode(
-                query[:, :, i],
-                cache.keys,
-                cache.values,
-                s.chunk_idx.to(torch.int32),
-                s.chunk_size,
-                s.tail_start,
-                seq_lens,
-                scaling=scaling,
-                validate=not cache.decode_checked,
-            )
+    keys, values = torch.cat([cache.keys, key], dim=2), torch.cat([cache.values, value], dim=2)
+    if cache.sparse is None:
+        out = core.dense_attention(query, keys, values, scaling)
+    else:
+        out = core.sparse_attention(
+            query,
+            keys,
+            values,
+            cache.sparse,
+            key_start=None,
+            scaling=scaling,
+            validate=not cache.decode_checked,
         )
         cache.decode_checked = True
-    return torch.stack(outputs, dim=2)
+    cache.keys, cache.values, cache.seq_len = keys, values, cache.seq_len + key.shape[2]
+    return out

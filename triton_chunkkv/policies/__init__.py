@@ -19,7 +19,7 @@ from .base import (
 from .baselines import H2O, FullKV, PyramidKV, SnapKV, StreamingLLM
 from .chunkkv import LAYER_BUDGETS, ChunkKV, pyramid_budgets
 from .phrase import PhraseChunkKV
-from .registry import POLICIES, make_policy
+from .registry import POLICIES, chunk_policy, make_policy
 
 __all__ = [
     "H2O",
@@ -34,6 +34,7 @@ __all__ = [
     "Selection",
     "SnapKV",
     "StreamingLLM",
+    "chunk_policy",
     "group_leader",
     "kept_length",
     "make_policy",

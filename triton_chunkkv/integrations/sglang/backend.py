@@ -28,8 +28,10 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.runtime_context import get_memory, get_parallel, get_schedule, get_spec
 
-from ... import ops
+from ... import cache as core
 from ...ops import reference
+from ...ops.kernels.sparse_decode import sparse_decode
+from ...policies import Selection, observation_window, resolve_budget, select_prompt
 from .settings import ChunkKVSettings
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ class RequestState:
     # Selecting layer id -> its last queries [Hq, <= window, D]; emptied by selection.
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     selected: bool = False
-    # int32 [groups, Hkv, n_keep], sorted; None keeps the whole prompt (dense decode).
-    chunk_idx: torch.Tensor | None = None
-    tail_start: int = 0
+    # Per layer group: the policy's Selection (chunk_idx [1, Hkv, n]), or None to keep the
+    # whole prompt; None for every group: dense decode.
+    selections: list[Selection | None] | None = None
     freed_slots: int = 0
 
 
@@ -57,9 +59,10 @@ class SparseDecodeBatch(NamedTuple):
     """One decode batch in ``ops.sparse_decode``'s slot-map layout."""
 
     slot_map: torch.Tensor  # int32 [B, S_max]: req_to_token rows of the batch
-    chunk_idx: torch.Tensor  # int32 [groups, B, Hkv, n_max]
-    chunk_counts: torch.Tensor  # int32 [B]; 0 for a dense row
-    tail_start: torch.Tensor  # int32 [B]; 0 for a dense row
+    # Per layer group: (chunk_idx int32 [B, Hkv, n_max], chunk_counts [B], tail_start [B]); a
+    # dense row has no chunks and tail 0.
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    chunk_size: int
     seq_lens: torch.Tensor  # int32 [B]
 
 
@@ -69,8 +72,9 @@ class ChunkKVAttnBackend(TritonAttnBackend):
     def __init__(self, model_runner):
         super().__init__(model_runner)
         self.settings = ChunkKVSettings.from_env()
+        self.policy = self.settings.make_policy()
         self._check_supported(model_runner)
-        num_layers = model_runner.model_config.num_hidden_layers
+        self.num_layers = num_layers = model_runner.model_config.num_hidden_layers
         self.reuse_layers = self.settings.reuse_layers
         self.group_leaders = list(range(0, num_layers, self.reuse_layers))
         self.requests: dict[int, RequestState] = {}
@@ -95,6 +99,9 @@ class ChunkKVAttnBackend(TritonAttnBackend):
             "virtual (unified) KV pools": self.kv_index_translator.is_translating,
             f"KV cache dtype {model_runner.kv_cache_dtype}": model_runner.kv_cache_dtype
             not in KV_CACHE_DTYPES,
+            f"policy {self.policy.name!r}, which reads every prompt query": self.policy.window
+            is None,
+            f"policy {self.policy.name!r}, which reads the prompt's text": self.policy.reads_text,
         }
         for what, present in unsupported.items():
             if present:
@@ -102,7 +109,7 @@ class ChunkKVAttnBackend(TritonAttnBackend):
 
     def _can_free_slots(self, num_layers: int) -> bool:
         """One token set per request (every head, every layer) can give slots back."""
-        if not (self.settings.share_heads and self.reuse_layers >= num_layers):
+        if not (getattr(self.policy, "share_heads", False) and self.reuse_layers >= num_layers):
             return False
         if self.page_size != 1:
             logger.warning(
@@ -137,7 +144,7 @@ class ChunkKVAttnBackend(TritonAttnBackend):
 
     def _prepare_extend(self, forward_batch):
         """Which token rows of this extend pass are the window queries, and whose."""
-        window = self.settings.window
+        window = self.policy.window
         slots = _host_list(forward_batch.req_pool_indices_cpu, forward_batch.req_pool_indices)
         prefix_lens = _host_list(
             forward_batch.extend_prefix_lens_cpu, forward_batch.extend_prefix_lens
@@ -165,81 +172,94 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         for slot, state in zip(slots, states):
             if state is not None and not state.selected:
                 self._select(slot, state)
-        kept = [
-            state if state is not None and state.chunk_idx is not None else None for state in states
-        ]
-        if all(state is None for state in kept):
+        kept = [None if state is None else state.selections for state in states]
+        if all(selections is None for selections in kept):
             return None
-        n_max = max(state.chunk_idx.shape[-1] for state in kept if state is not None)
-        chunk_idx = torch.zeros(
-            len(self.group_leaders),
-            len(slots),
-            self.num_kv_head,
-            n_max,
-            dtype=torch.int32,
-            device=self.device,
-        )
-        chunk_counts = [0] * len(slots)
-        tail_start = [0] * len(slots)
-        for row, state in enumerate(kept):
-            if state is not None:
-                n_keep = state.chunk_idx.shape[-1]
-                chunk_idx[:, row, :, :n_keep] = state.chunk_idx
-                chunk_counts[row], tail_start[row] = n_keep, state.tail_start
+        groups = []
+        for group in range(len(self.group_leaders)):
+            rows = [None if selections is None else selections[group] for selections in kept]
+            groups.append(
+                core.pack_rows(
+                    [None if s is None else s.chunk_idx[0] for s in rows],
+                    [0 if s is None else s.tail_start for s in rows],
+                    self.num_kv_head,
+                    self.device,
+                )
+            )
+        # One policy: one chunk size (a group that keeps everything packs no chunks).
+        chunk_size = next(s.chunk_size for sel in kept if sel for s in sel if s is not None)
         seq_lens_cpu = forward_batch.seq_lens_cpu
         max_len = int(
             seq_lens_cpu.max() if seq_lens_cpu is not None else forward_batch.seq_lens.max()
         )
         return SparseDecodeBatch(
             slot_map=self.req_to_token[forward_batch.req_pool_indices, :max_len],
-            chunk_idx=chunk_idx,
-            chunk_counts=torch.tensor(chunk_counts, dtype=torch.int32, device=self.device),
-            tail_start=torch.tensor(tail_start, dtype=torch.int32, device=self.device),
+            groups=groups,
+            chunk_size=chunk_size,
             seq_lens=forward_batch.seq_lens.to(torch.int32),
         )
 
     # -- selection ----------------------------------------------------------------------------
 
     def _select(self, slot: int, state: RequestState) -> None:
-        """SPEC steps 1-6 for one request whose prompt is complete, every layer group."""
-        settings = self.settings
+        """The policy's selection for one request whose prompt is complete, every layer group
+        (each request on its own chunk grid)."""
         windows, state.window_queries = state.window_queries, {}
         state.selected = True
         prompt_len = state.prompt_len
-        tail_start = reference.tail_start(prompt_len, settings.chunk_size, settings.window)
-        if tail_start <= 0 or any(leader not in windows for leader in self.group_leaders):
-            return  # no whole chunk before the window: nothing to drop
-        budget = reference.resolve_budget(prompt_len, settings.budget, settings.ratio)
-        n_keep = reference.num_kept_chunks(prompt_len, budget, settings.chunk_size, settings.window)
-        if n_keep is None:
-            return  # the budget covers the prompt: decode stays dense, as in Triton
+        window = observation_window(self.policy, prompt_len)
+        if prompt_len < window:
+            return  # the prompt fits in the observation window: nothing to score
+        if window and any(
+            windows.get(leader) is None or windows[leader].shape[1] < window
+            for leader in self.group_leaders
+        ):
+            logger.warning(
+                "chunkkv keeps request %d whole: %d of its last %d queries were computed",
+                slot,
+                min(w.shape[1] for w in windows.values()) if windows else 0,
+                window,
+            )
+            return
+        budget = resolve_budget(prompt_len, self.settings.budget, self.settings.ratio)
         prompt_slots = self.req_to_token[slot, :prompt_len].long()
-        chunk_scores = []
+        selections = []
         for leader in self.group_leaders:
             keys = self.token_to_kv_pool.get_key_buffer(leader)[prompt_slots]  # [T, Hkv, D]
-            scores = ops.window_scores(
-                windows[leader][None],
-                keys.transpose(0, 1)[None],
-                scaling=self.layer_scaling[leader],
+            selections.append(
+                select_prompt(
+                    self.policy,
+                    windows[leader][None] if window else None,
+                    keys.transpose(0, 1)[None],
+                    budgets=[budget],
+                    layer=leader,
+                    num_layers=self.num_layers,
+                    scaling=self.layer_scaling.get(leader),
+                    reduce_scores=self._reduce_scores(),
+                )[0]
             )
-            chunk_scores.append(ops.chunk_sum(scores, settings.chunk_size, settings.window))
-        chunk_scores = torch.cat(chunk_scores)  # [groups, Hkv, n]
-        if settings.share_heads:
-            shared = chunk_scores.sum(dim=1, keepdim=True)
-            if get_parallel().attn_tp_size > 1:  # each rank holds its own KV heads' scores
-                shared = get_parallel().attn_tp_group.all_reduce(shared)
-            chunk_idx = ops.select_chunks(shared, n_keep).expand(-1, self.num_kv_head, -1)
-        else:
-            chunk_idx = ops.select_chunks(chunk_scores, n_keep)
-        state.chunk_idx = chunk_idx.contiguous()
-        state.tail_start = tail_start
+        if all(selection is None for selection in selections):
+            return  # the budget covers the prompt: decode stays dense, as in Triton
+        state.selections = selections
         if self.frees_slots:
             state.freed_slots = self._free_dropped_slots(slot, state)
 
+    def _reduce_scores(self):
+        """With shared heads, each attention-TP rank holds its own KV heads' chunk scores: the
+        policy sums them across ranks (one all-reduce per request and layer group)."""
+        parallel = get_parallel()
+        if getattr(self.policy, "share_heads", False) and parallel.attn_tp_size > 1:
+            return parallel.attn_tp_group.all_reduce
+        return None
+
     def _free_dropped_slots(self, slot: int, state: RequestState) -> int:
         """Gives the prompt slots outside the (single) retained set back to the allocator."""
+        selection = state.selections[0]  # one token set: every head and group keeps it
         kept = reference.kept_positions(
-            state.chunk_idx[:1, :1], self.settings.chunk_size, state.tail_start, state.prompt_len
+            selection.chunk_idx[:1, :1],
+            selection.chunk_size,
+            selection.tail_start,
+            state.prompt_len,
         )[0, 0]
         dropped = torch.ones(state.prompt_len, dtype=torch.bool, device=self.device)
         dropped[kept] = False
@@ -253,13 +273,14 @@ class ChunkKVAttnBackend(TritonAttnBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         out = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        if self._extend_windows is not None and layer.layer_id % self.reuse_layers == 0:
+        selects = layer.layer_id % self.reuse_layers == 0
+        if self._extend_windows is not None and self.policy.window and selects:
             self._keep_window_queries(q, layer)
         return out
 
     def _keep_window_queries(self, q, layer) -> None:
         rows, owners = self._extend_windows
-        window = self.settings.window
+        window = self.policy.window
         self.layer_scaling[layer.layer_id] = layer.scaling
         picked = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[rows].transpose(0, 1)
         parts = picked.split([count for _, count in owners], dim=1)
@@ -293,17 +314,18 @@ class ChunkKVAttnBackend(TritonAttnBackend):
                 layer.k_scale,
                 layer.v_scale,
             )
-        out = ops.sparse_decode(
+        chunk_idx, chunk_counts, tail_start = batch.groups[layer.layer_id // self.reuse_layers]
+        out = sparse_decode(
             q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            batch.chunk_idx[layer.layer_id // self.reuse_layers],
-            self.settings.chunk_size,
-            batch.tail_start,
+            chunk_idx,
+            batch.chunk_size,
+            tail_start,
             batch.seq_lens,
             scaling=layer.scaling,
             slot_map=batch.slot_map,
-            chunk_counts=batch.chunk_counts,
+            chunk_counts=chunk_counts,
             validate=False,
         )
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)

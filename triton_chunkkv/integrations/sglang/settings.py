@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-from ...ops._checks import check_budget, check_chunking, check_int
+from ...ops._checks import check_budget, check_int
+from ...policies import ChunkKV, Policy, chunk_policy, make_policy
 
 CONFIG_VARIABLE = "CHUNKKV_CONFIG"
 DEFAULT_RATIO = 0.1
@@ -21,7 +22,12 @@ DEFAULT_RATIO = 0.1
 @dataclass(frozen=True)
 class ChunkKVSettings:
     """ChunkKV parameters (SPEC.md). Exactly one of ``budget`` (tokens per KV head) and
-    ``ratio`` (``L = floor(ratio * T)``); with neither, ``ratio`` is 0.1."""
+    ``ratio`` (``L = floor(ratio * T)``); with neither, ``ratio`` is 0.1.
+
+    ``policy`` names a registered selection policy (``triton_chunkkv.policies.POLICIES``);
+    ``chunk_size``, ``window``, ``share_heads`` and ``pool_kernel`` configure ``chunkkv``, and
+    ``policy_options`` (a JSON object, e.g. ``{"sink_tokens": 4}``) any policy's own options.
+    """
 
     budget: int | None = None
     ratio: float | None = None
@@ -29,15 +35,29 @@ class ChunkKVSettings:
     window: int = 32
     reuse_layers: int = 1
     share_heads: bool = False
+    pool_kernel: int = 1
+    policy: str = "chunkkv"
+    policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.budget is None and self.ratio is None:
             object.__setattr__(self, "ratio", DEFAULT_RATIO)
         check_budget(self.budget, self.ratio)
-        check_chunking(self.chunk_size, self.window)
         check_int("reuse_layers", self.reuse_layers, minimum=1)
-        if not isinstance(self.share_heads, bool):
-            raise TypeError(f"share_heads must be a bool, got {self.share_heads!r}")
+        if not isinstance(self.policy_options, dict):
+            raise TypeError(f"policy_options must be a JSON object, got {self.policy_options!r}")
+        self.make_policy()  # checks every policy option
+
+    def make_policy(self) -> Policy:
+        chunk_options = dict(
+            chunk_size=self.chunk_size,
+            window=self.window,
+            share_heads=self.share_heads,
+            pool_kernel=self.pool_kernel,
+        )
+        if self.policy == "chunkkv":
+            return ChunkKV(**chunk_options, **self.policy_options)
+        return chunk_policy(make_policy(self.policy, **self.policy_options), **chunk_options)
 
     @classmethod
     def from_env(cls, environ=None) -> ChunkKVSettings:
@@ -56,9 +76,9 @@ class ChunkKVSettings:
             if unknown:
                 raise ValueError(f"{CONFIG_VARIABLE} ({path}) has unknown keys {sorted(unknown)}")
         from_variables = {
-            field.name: _parse(field.name, environ[variable])
-            for field in fields(cls)
-            if (variable := f"CHUNKKV_{field.name.upper()}") in environ
+            setting.name: _parse(setting.name, environ[variable])
+            for setting in fields(cls)
+            if (variable := f"CHUNKKV_{setting.name.upper()}") in environ
         }
         for chosen, other in (("budget", "ratio"), ("ratio", "budget")):
             if chosen in from_variables and other not in from_variables:
@@ -73,6 +93,10 @@ def _parse(name: str, raw: str):
             if raw.lower() not in ("0", "1", "true", "false"):
                 raise ValueError
             return raw.lower() in ("1", "true")
+        if name == "policy":
+            return raw
+        if name == "policy_options":
+            return json.loads(raw)
         return float(raw) if name == "ratio" else int(raw)
     except ValueError:
         raise ValueError(f"{variable} has an invalid value {raw!r}") from None

@@ -1,0 +1,292 @@
+"""The compressed-cache core: what every adapter and the evaluation engine do with a selection.
+
+Plain tensors in and out, no framework types, so that the transformers adapter, the torch
+adapter, the SGLang backend and the evaluation engine share one implementation of:
+
+* selecting on a left-padded batch, each row on its own unpadded prompt (:func:`select_rows`);
+* turning one layer's selection into what decode reads (:func:`compress_layer`): the compacted
+  keys/values (evict mode, rows left padded to a common length) or the full cache plus a
+  :class:`SparseIndex` (sparse mode, read in place by ``ops.sparse_decode``);
+* packing ragged per-row selections into one index (:func:`pack_rows`);
+* attention over a compressed layer: the causal mask (:func:`causal_mask`), dense attention
+  (:func:`dense_attention`) and sparse decode (:func:`sparse_attention`);
+* all-or-nothing prefill updates (:class:`StagedPrefill`): every layer's new state is computed
+  before any is swapped in, so an error leaves the caller's cache as it was.
+
+Compositions here call the unchecked kernel dispatchers: the indices come from a policy, not
+from a user, and the public ops' checks would sync with the host on every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .ops.kernels.gather import _gather_chunks
+from .ops.kernels.sparse_decode import sparse_decode
+from .policies.base import Policy, ScoreReduce, Selection, kept_length, select_prompt
+
+MODES = ("evict", "sparse")
+
+
+def check_mode(mode) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection on a (possibly left-padded) batch
+# ---------------------------------------------------------------------------------------------
+
+
+def select_rows(
+    policy: Policy,
+    queries,
+    keys,
+    *,
+    pads: Sequence[int],
+    budgets: Sequence[int],
+    layer: int,
+    num_layers: int,
+    input_ids=None,
+    scaling=None,
+    reduce_scores: ScoreReduce | None = None,
+):
+    """One layer's selection for a batch whose row ``b`` has ``pads[b]`` left-padding
+    positions and budget ``budgets[b]``.
+
+    Without padding the rows share one prompt length and select together: a ``Selection`` (or
+    ``None``: keep all). With padding each row selects on its own unpadded prompt, exactly as
+    if it ran alone: a list of per-row ``Selection | None`` (batch dimension 1, positions
+    counted from the row's first real token).
+    """
+    options = dict(layer=layer, num_layers=num_layers, scaling=scaling, reduce_scores=reduce_scores)
+    if not any(pads):
+        return select_prompt(
+            policy, queries, keys, budgets=budgets[:1], input_ids=input_ids, **options
+        )[0]
+    return [
+        select_prompt(
+            policy,
+            queries[row : row + 1, :, pad:],
+            keys[row : row + 1, :, pad:],
+            budgets=[budgets[row]],
+            input_ids=None if input_ids is None else input_ids[row : row + 1, pad:],
+            **options,
+        )[0]
+        for row, pad in enumerate(pads)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# One layer after compression
+# ---------------------------------------------------------------------------------------------
+
+
+class SparseIndex(NamedTuple):
+    """What ``ops.sparse_decode`` needs to read a sparse-mode layer's retained set in place."""
+
+    chunk_idx: torch.Tensor  # int32 [B, Hkv, n_max]
+    chunk_size: int
+    tail_start: int | torch.Tensor  # int, or int32 [B] row-local
+    chunk_counts: torch.Tensor | None  # int32 [B] when rows keep different numbers of chunks
+    row_offset: torch.Tensor | None  # int32 [B]: cache index of each row's position 0
+
+    def select_rows(self, rows: torch.Tensor) -> SparseIndex:
+        def pick(t):
+            return t[rows] if isinstance(t, torch.Tensor) else t
+
+        return SparseIndex(
+            self.chunk_idx[rows],
+            self.chunk_size,
+            pick(self.tail_start),
+            pick(self.chunk_counts),
+            pick(self.row_offset),
+        )
+
+
+@dataclass
+class CompressedKV:
+    """One layer's cache after its prefill was compressed.
+
+    ``evict``: ``keys``/``values`` hold the compacted prompt, rows left padded to a common
+    length. ``sparse``: they hold the whole prompt and ``sparse`` says which positions decode
+    reads. Cache indices below ``key_start[b]`` are padding (``None``: no padding).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_start: torch.Tensor | None
+    sparse: SparseIndex | None
+    kept_lengths: list[int]
+
+
+def pack_rows(
+    chunk_idx_rows: Sequence[torch.Tensor | None], tail_starts: Sequence[int], num_kv_heads, device
+):
+    """Ragged per-row selections as one index: ``(chunk_idx [B, Hkv, n_max], chunk_counts [B],
+    tail_start [B])``, int32. Row ``b``'s ``chunk_idx_rows[b]`` is ``[Hkv, n_b]`` (``None``: no
+    chunks, the whole prompt dense from position 0); entries past a row's count are zeros that
+    ``sparse_decode`` never reads."""
+    counts = [0 if t is None else t.shape[-1] for t in chunk_idx_rows]
+    batch = len(chunk_idx_rows)
+    chunk_idx = torch.zeros(batch, num_kv_heads, max(counts), dtype=torch.int32, device=device)
+    for row, t in enumerate(chunk_idx_rows):
+        if t is not None:
+            chunk_idx[row, :, : counts[row]] = t
+    tails = [0 if t is None else tail for t, tail in zip(chunk_idx_rows, tail_starts)]
+
+    def as_int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return chunk_idx, as_int32(counts), as_int32(tails)
+
+
+def left_pad_stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+    """``(keys, values, key_start)``: batch-1 ``(k, v)`` rows of different lengths stacked into
+    one batch, each left padded with zeros; ``key_start [B]`` (int64) is each row's first real
+    index, ``None`` when no row is padded."""
+    width = max(k.shape[2] for k, _ in rows)
+    pads = [width - k.shape[2] for k, _ in rows]
+    keys = torch.cat([F.pad(k, (0, 0, pad, 0)) for (k, _), pad in zip(rows, pads)])
+    values = torch.cat([F.pad(v, (0, 0, pad, 0)) for (_, v), pad in zip(rows, pads)])
+    key_start = torch.tensor(pads, device=keys.device) if any(pads) else None
+    return keys, values, key_start
+
+
+def compress_layer(mode: str, key, value, selection, pads: Sequence[int]) -> CompressedKV | None:
+    """What decode reads of one layer's prompt ``key``/``value [B, Hkv, T_pad, D]`` under
+    ``selection`` (from :func:`select_rows`); ``None`` when no row drops anything."""
+    T_pad = key.shape[2]
+    if selection is None:
+        return None
+    if isinstance(selection, Selection):  # no padding: one selection for the batch
+        kept = [kept_length(selection, T_pad)] * key.shape[0]
+        chunk_idx, chunk_size, tail_start = selection
+        if mode == "sparse":
+            index = SparseIndex(chunk_idx.to(torch.int32), chunk_size, tail_start, None, None)
+            return CompressedKV(key, value, None, index, kept)
+        keys, values = _gather_chunks(key, value, chunk_idx, chunk_size, tail_start)
+        return CompressedKV(keys, values, None, None, kept)
+    if all(s is None for s in selection):
+        return None
+    kept = [kept_length(s, T_pad - pad) for s, pad in zip(selection, pads)]
+    if mode == "sparse":
+        chunk_sizes = {s.chunk_size for s in selection if s is not None}
+        if len(chunk_sizes) > 1:
+            raise ValueError(
+                f"the policy chose different chunk sizes {sorted(chunk_sizes)} "
+                "for the rows of one layer"
+            )
+        chunk_idx, counts, tails = pack_rows(
+            [None if s is None else s.chunk_idx[0] for s in selection],
+            [0 if s is None else s.tail_start for s in selection],
+            key.shape[1],
+            key.device,
+        )
+        row_offset = torch.tensor(pads, dtype=torch.int32, device=key.device)
+        index = SparseIndex(chunk_idx, chunk_sizes.pop(), tails, counts, row_offset)
+        return CompressedKV(key, value, row_offset.long(), index, kept)
+    rows = []
+    for row, (s, pad) in enumerate(zip(selection, pads)):
+        k, v = key[row : row + 1, :, pad:], value[row : row + 1, :, pad:]
+        rows.append((k, v) if s is None else _gather_chunks(k, v, *s))
+    keys, values, key_start = left_pad_stack(rows)
+    return CompressedKV(keys, values, key_start, None, kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over a compressed layer
+# ---------------------------------------------------------------------------------------------
+
+
+def valid_keys(key_start, kv_len: int) -> torch.Tensor | None:
+    """bool ``[B, kv]``: the cache indices at or after each row's ``key_start``."""
+    if key_start is None:
+        return None
+    return torch.arange(kv_len, device=key_start.device)[None, :] >= key_start[:, None]
+
+
+def causal_mask(q_len: int, kv_len: int, key_valid=None, *, device=None, sdpa=True):
+    """bool ``[B or 1, 1, q, kv]`` (True: attend). Query ``i`` sits at cache index
+    ``kv - q + i`` and sees the keys up to it; ``key_valid [B, kv]`` marks real (non-padding)
+    keys, and a padding query attends to itself only, so no row is empty. ``None`` when no
+    mask is needed: one query without padding, or (``sdpa``) SDPA's own causal flag is exact."""
+    if key_valid is None and (q_len == 1 or (sdpa and q_len == kv_len)):
+        return None
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    key_pos = torch.arange(kv_len, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]
+    if key_valid is not None:
+        allowed = allowed & (key_valid.bool()[:, None, None, :] | (key_pos == query_pos))
+    return allowed
+
+
+def dense_attention(query, key, value, scaling, mask=None):
+    """Softmax attention ``[B, Hq, q, D]`` with GQA (``Hq = g * Hkv``), causal as in
+    :func:`causal_mask` when ``mask`` is ``None`` and ``q > 1``."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None and q_len not in (1, kv_len):
+        mask = causal_mask(q_len, kv_len, device=query.device)
+    is_causal = mask is None and q_len > 1
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling
+    )
+
+
+def sparse_attention(query, key, value, index: SparseIndex, *, key_start, scaling, validate):
+    """Attention ``[B, Hq, q, D]`` of the ``q`` newest tokens (the last ``q`` cache entries,
+    causal among themselves) over a sparse-mode layer: each attends to the retained set plus
+    the tokens before it. ``key_start [B]`` (or ``None``) is each row's first real index."""
+    B, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if key_start is None:
+        key_start = torch.zeros(B, dtype=torch.int32, device=key.device)
+    outputs = []
+    for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
+        seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
+        outputs.append(
+            sparse_decode(
+                query[:, :, i],
+                key,
+                value,
+                index.chunk_idx,
+                index.chunk_size,
+                index.tail_start,
+                seq_lens,
+                scaling=scaling,
+                row_offset=index.row_offset,
+                chunk_counts=index.chunk_counts,
+                validate=validate and i == 0,
+            )
+        )
+    return torch.stack(outputs, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# All-or-nothing prefill updates
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StagedPrefill:
+    """One prefill's per-layer results, kept aside until every layer has one.
+
+    An adapter stages each layer as its attention runs and swaps all of them into the caller's
+    cache (and its own state) only when the last layer is staged: a prefill that raises part
+    way leaves nothing half-compressed. A new prefill starts a new stage.
+    """
+
+    num_layers: int
+    layers: dict = field(default_factory=dict)
+
+    def stage(self, layer: int, result) -> bool:
+        """Keeps ``result`` for ``layer``; True when every layer has been staged."""
+        self.layers[layer] = result
+        return len(self.layers) == self.num_layers
