@@ -13,8 +13,8 @@ import torch
 from triton_chunkkv.eval import cli, engine
 from triton_chunkkv.eval.loading import byte_tokenizer, tiny_random_model
 from triton_chunkkv.eval.metrics import adjacent_jaccard, is_correct, layer_fidelity
-from triton_chunkkv.eval.runner import Method, parse_method, stop_token_ids
-from triton_chunkkv.eval.tasks import TASKS, build_examples, prompt_ids, render_prompt
+from triton_chunkkv.eval.runner import Method, generate_with_adapter, parse_method, stop_token_ids
+from triton_chunkkv.eval.tasks import TASKS, build_examples, prompt_ids, render_prompt, segment_ids
 from triton_chunkkv.integrations.hf import chunkkv
 from triton_chunkkv.policies import ChunkKV, Selection
 
@@ -154,6 +154,53 @@ def test_engine_decodes_what_the_hf_adapter_generates(tiny, spec, one_thread):
     full = engine.compact(pre, [None] * pre.num_layers)
     tokens = engine.greedy_decode(model, pre, [full, engine.compact(pre, selections)], 6, stop_ids)
     assert tokens[1] == expected[0, input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("spec", POLICY_SPECS[:2] + ["fullkv"])
+def test_question_agnostic_engine_decodes_what_the_adapter_generates(tiny, spec, one_thread):
+    """The context alone is prefilled and compressed, then the question is read: the engine's
+    tokens equal the HF adapter's (context call, then generate over the question)."""
+    model, tokenizer = tiny
+    example = build_examples(
+        tokenizer, ["passkey"], lengths=[160], depths=[0.5], per_cell=1, seed=0
+    )[0]
+    context, question = segment_ids(example, tokenizer, chat=False)
+    input_ids = torch.tensor([context])
+    method = parse_method(spec)
+    budget = len(context) // 4
+    stop_ids = stop_token_ids(model, tokenizer)
+    pre = engine.prefill(model, input_ids)
+    full = engine.compact(pre, [None] * pre.num_layers)
+    if method.name == "fullkv":
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([context + question]),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        expected = out[0, len(context) + len(question) :].tolist()
+        assert engine.greedy_decode(model, pre, [full], 6, question=question)[0] == expected
+        return
+    selections, expected = generate_with_adapter(
+        model, input_ids, method.policy(tokenizer), budget, 6, stop_ids, question=question
+    )
+    ours = engine.select_layers(pre, method.policy(tokenizer), [budget])[0]
+    assert [s.chunk_idx.tolist() for s in ours] == [s.chunk_idx.tolist() for s in selections]
+    caches = [full, engine.compact(pre, ours)]
+    assert engine.greedy_decode(model, pre, caches, 6, stop_ids, question)[1] == expected
+
+
+def test_engine_reuses_indices_as_the_adapter_does(tiny, one_thread):
+    model, tokenizer = tiny
+    input_ids = passkey_ids(tokenizer)
+    policy = ChunkKV(chunk_size=CHUNK, window=WINDOW)
+    with chunkkv(model, budget=40, policy=policy, reuse_layers=2) as state, torch.no_grad():
+        model.generate(input_ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    pre = engine.prefill(model, input_ids)
+    ours = engine.select_layers(pre, policy, [40], reuse_layers=2)[0]
+    assert ours[1] is ours[0]
+    assert [s.chunk_idx.tolist() for s in ours] == [s.chunk_idx.tolist() for s in state.selections]
 
 
 def test_batched_decode_equals_one_at_a_time(tiny, one_thread):

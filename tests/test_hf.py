@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import (
     AttentionInterface,
@@ -185,6 +186,19 @@ def test_generate_at_ratio_0_2_keeps_spec_lengths_in_both_modes():
 
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
+def test_keep_ratio_is_the_fraction_kept():
+    model = tiny_model()
+    input_ids = prompt(180)
+    with chunkkv(model, keep_ratio=0.2, chunk_size=CHUNK, window=WINDOW) as named:
+        expected = greedy(model, input_ids)
+    with chunkkv(model, ratio=0.2, chunk_size=CHUNK, window=WINDOW) as older:
+        assert torch.equal(greedy(model, input_ids), expected)
+    assert named.kept_lengths == older.kept_lengths == [[spec_kept_length(180, 36)]] * 2
+    with pytest.raises(ValueError, match="keep_ratio or its older name ratio"):
+        with chunkkv(model, keep_ratio=0.2, ratio=0.2):
+            pass
+
+
 @pytest.mark.parametrize("how", ["past_key_values", "cache", "positional"])
 def test_the_cache_is_found_however_it_is_passed(how):
     """transformers renamed ``past_key_values`` to ``cache`` in 5.24; the adapter finds the
@@ -236,6 +250,82 @@ def test_attention_function_takes_sdpa_arguments_positionally():
         AttentionInterface.register(ATTENTION_NAME, registered)
     assert state.prefills == 1
     assert torch.equal(got, expected)
+
+
+def attention_over_retained(selections, prompt_len, group):
+    """A reference attention function for a whole-sequence forward: prompt queries attend
+    densely and causally; every later query attends causally to the appended tokens and, of
+    the prompt, only to its layer's and KV head's retained set (SPEC ``R(b, h)``)."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **_):
+        S = key.shape[2]
+        selection = selections[module.layer_idx]
+        pos = torch.arange(S)
+        allowed = (pos[None, :] <= pos[:, None])[None, None]  # [1, 1, S, S] causal
+        if selection is not None:
+            kept = reference.retained_mask(
+                selection.chunk_idx, selection.chunk_size, selection.tail_start, prompt_len, S
+            )  # [B, Hkv, S]: kept prompt positions (positions >= prompt_len are False)
+            visible = kept | (pos >= prompt_len)
+            late_query = (pos >= prompt_len)[:, None]
+            allowed = allowed & (~late_query | visible.repeat_interleave(group, 1)[:, :, None])
+        keys = key.repeat_interleave(group, 1)
+        values = value.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scaling)
+        return out.transpose(1, 2), None
+
+    return attention
+
+
+@pytest.mark.parametrize("mode", ["evict", "sparse"])
+def test_context_then_question_then_a_second_turn(mode):
+    """Several-token calls on a compressed cache (a question after the context, a second user
+    turn after the answer) attend to the retained set plus everything appended since, causally:
+    the same logits as a dense forward over the whole sequence with the dropped prompt tokens
+    masked out for the later queries."""
+    model = tiny_model()
+    context, question, turn = prompt(150), prompt(7, seed=2), prompt(5, seed=3)
+    cache = DynamicCache(config=model.config)
+    logits, tokens = [], []
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW, mode=mode) as state:
+        with torch.no_grad():
+            model(context, **cache_kwargs(model, cache))
+            for segment in (question, None, None, turn, None):
+                step = segment if segment is not None else tokens[-1][:, -1:]
+                out = model(step, **cache_kwargs(model, cache)).logits
+                logits.append(out)
+                tokens.append(torch.cat([step, out[:, -1:].argmax(-1)], dim=1)[:, -1:])
+    assert state.prefills == 1 and state.kept_lengths[0][0] < 150
+    assert cache.get_seq_length() == 150 + 7 + 2 + 5 + 1
+    fed = [question, tokens[0], tokens[1], turn, tokens[3]]
+    sequence = torch.cat([context, *fed], dim=1)
+    AttentionInterface.register(
+        "retained_reference", attention_over_retained(state.selections, 150, group=2)
+    )
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("retained_reference")
+    try:
+        with torch.no_grad():
+            expected = model(sequence, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
+    start = 150
+    for got, segment in zip(logits, fed):
+        n = segment.shape[1]
+        torch.testing.assert_close(got, expected[:, start : start + n], rtol=1e-4, atol=1e-4)
+        start += n
+
+
+def test_padding_after_the_compressed_prompt_is_refused():
+    model = tiny_model()
+    cache = DynamicCache(config=model.config)
+    input_ids = prompt(100, batch=2)
+    with chunkkv(model, budget=40, chunk_size=CHUNK, window=WINDOW), torch.no_grad():
+        model(input_ids, **cache_kwargs(model, cache))
+        mask = torch.ones(2, 104, dtype=torch.long)
+        mask[1, 100:102] = 0  # the second row's question is two tokens shorter
+        with pytest.raises(ValueError, match="padding after the compressed prompt"):
+            model(prompt(4, batch=2), attention_mask=mask, **cache_kwargs(model, cache))
 
 
 def test_forward_calls_keep_true_positions():

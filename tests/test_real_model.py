@@ -83,3 +83,46 @@ def test_passkey_retrieval_full_vs_chunkkv_vs_tokens(smollm):
     assert found["full KV"] == len(DEPTHS), summary
     assert found["ChunkKV 20%"] > len(DEPTHS) // 2, summary
     assert found["ChunkKV 20%"] > found["tokens 20%"], summary
+
+
+def test_one_compressed_context_answers_several_questions(smollm):
+    """The context/question pipeline (question-agnostic): one compression, several questions,
+    each on its own copy of the compressed cache. With a budget covering the context the
+    answers are plain ``generate``'s on the same tokens; compressed, they do not depend on the
+    order the questions are asked in. (At this model size, question-agnostic compression loses
+    most facts: that is the fidelity issue's subject, not this test's.)"""
+    import transformers
+
+    import triton_chunkkv.integrations.pipeline as chunkkv_pipeline
+
+    model, tokenizer = smollm
+    people = {"Alice": "Paris", "Bruno": "Oslo", "Chen": "Lima"}
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 5
+    context = "".join(f"{filler}{name} lives in {city}. " for name, city in people.items())
+    questions = [f"Where does {name} live?" for name in people]
+    prefix = "The answer is"
+    pipe = transformers.pipeline(chunkkv_pipeline.TASK, model=model, tokenizer=tokenizer)
+    whole = pipe(context, questions=questions, answer_prefix=prefix, keep_ratio=1.0)["answers"]
+    for question, answer in zip(questions, whole):
+        head, tail = chunkkv_pipeline.prompt_segments(tokenizer, context, question, prefix)
+        ids = torch.cat(
+            [
+                chunkkv_pipeline.segment_ids(tokenizer, text, first, chat=True)
+                for text, first in ((head, True), (tail, False))
+            ],
+            dim=1,
+        ).to(model.device)
+        out = model.generate(ids, max_new_tokens=64, do_sample=False)
+        assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    compressed = chunkkv_pipeline.CompressedContext.compress(
+        model, tokenizer, context, keep_ratio=0.5
+    )
+    assert max(compressed.state.kept_lengths[0]) <= compressed.context_ids.shape[1] // 2
+    forward = [compressed.answer(q, answer_prefix=prefix) for q in questions]
+    backward = [compressed.answer(q, answer_prefix=prefix) for q in reversed(questions)]
+    assert forward == backward[::-1]
+    assert (
+        forward
+        == pipe(context, questions=questions, answer_prefix=prefix, keep_ratio=0.5)["answers"]
+    )

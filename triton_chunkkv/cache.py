@@ -38,6 +38,17 @@ def check_mode(mode) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+def kept_fraction(ratio, keep_ratio):
+    """The adapters' ``keep_ratio`` (the fraction kept, a name that cannot be read backwards)
+    and its older name ``ratio``: one value, or ``None`` when neither is given."""
+    if ratio is not None and keep_ratio is not None:
+        raise ValueError(
+            f"pass keep_ratio or its older name ratio, not both: got keep_ratio={keep_ratio!r}, "
+            f"ratio={ratio!r}"
+        )
+    return keep_ratio if keep_ratio is not None else ratio
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection on a (possibly left-padded) batch
 # ---------------------------------------------------------------------------------------------

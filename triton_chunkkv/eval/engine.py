@@ -224,15 +224,36 @@ def until_stop(tokens: list[int], stop_ids) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model, pre: Prefill, caches, max_new_tokens: int, stop_ids=()) -> list:
+def greedy_decode(
+    model, pre: Prefill, caches, max_new_tokens: int, stop_ids=(), question=None
+) -> list:
     """Greedy tokens after the prompt for each cache of ``caches`` (each from :func:`compact`),
-    decoded together as one batch; each row ends at its first stop token."""
+    decoded together as one batch; each row ends at its first stop token.
+
+    ``question`` (token ids, question-agnostic setting): the prefill was the context alone, so
+    each cache first reads the question at positions ``T, T+1, ...`` (attending to its
+    compressed context and causally to the question) and its first token follows from there.
+    """
     layers, key_start = stack_caches(caches)
     cache = DynamicCache(ddp_cache_data=layers)
     device = pre.input_ids.device
-    rows = [[pre.next_token] for _ in caches]
+    start = pre.seq_len
     with recording(model, Recorder(key_start=key_start)):
-        for position in range(pre.seq_len, pre.seq_len + max_new_tokens - 1):
+        if question:
+            tokens = torch.tensor([question] * len(caches), device=device)
+            positions = torch.arange(start, start + len(question), device=device)
+            logits = model(
+                tokens,
+                **cache_kwargs(model, cache),
+                use_cache=True,
+                logits_to_keep=1,
+                position_ids=positions.expand_as(tokens),
+            ).logits
+            rows = [[token] for token in logits[:, -1].argmax(dim=-1).tolist()]
+            start += len(question)
+        else:
+            rows = [[pre.next_token] for _ in caches]
+        for position in range(start, start + max_new_tokens - 1):
             if stop_ids and all(any(t in stop_ids for t in row) for row in rows):
                 break
             last = torch.tensor([[row[-1]] for row in rows], device=device)

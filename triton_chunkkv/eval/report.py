@@ -6,13 +6,24 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from .runner import RESULTS_FILE, RUN_FILE, read_results
+from .runner import RESULTS_FILE, RUN_FILE, SETTINGS, read_results
 
 FIDELITY = (
     ("attn_output_l1", "attention output L1 (lower is better)"),
     ("attn_cosine", "attention cosine similarity (higher is better)"),
     ("kv_l1", "continuation K/V L1 (lower is better)"),
 )
+
+
+SETTING_NOTES = {
+    "question-aware": "Question-aware: the question is part of the compressed prompt.",
+    "question-agnostic": "Question-agnostic: the context alone is compressed, the question is "
+    "read afterwards over the compressed cache (kvpress's pipeline).",
+}
+
+
+def setting_of(record) -> str:
+    return record.get("setting", SETTINGS[0])  # runs before settings existed: question-aware
 
 
 def percent(values) -> str:
@@ -289,7 +300,12 @@ def write_report(results_dir: Path) -> Path:
         "- exact match in %: the first number (pass key) or the first city named (multidoc) "
         "in the greedy answer must equal the expected one; `fullkv` keeps the whole cache",
     ]
-    sections = ["## Accuracy", accuracy_tables(records, methods, ratios, tasks)]
+    settings = ordered([setting_of(r) for r in records], SETTINGS)
+    sections = []
+    for setting in settings:
+        subset = [r for r in records if setting_of(r) == setting]
+        title = "## Accuracy" if len(settings) == 1 else f"## Accuracy, {setting}"
+        sections += [title, SETTING_NOTES[setting], accuracy_tables(subset, methods, ratios, tasks)]
     by_length = passkey_length_table(records, methods, ratios)
     if by_length:
         sections += [

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 from ..ops import reference
 from ..policies import POLICIES, Policy, kept_length, make_policy
 from . import engine as eng
 from .metrics import adjacent_jaccard, extracted_answer, layer_fidelity
-from .tasks import Example, prompt_ids
+from .tasks import Example, prompt_ids, segment_ids
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -84,8 +85,13 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def result_key(example_id: str, method: str, ratio) -> tuple:
-    return example_id, method, ratio
+# Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
+# alone is compressed, the question read afterwards (kvpress's pipeline, integrations.pipeline).
+SETTINGS = ("question-aware", "question-agnostic")
+
+
+def result_key(example_id: str, method: str, ratio, setting="question-aware") -> tuple:
+    return example_id, method, ratio, setting
 
 
 def read_results(path: Path) -> list[dict]:
@@ -117,15 +123,22 @@ def check_resume(out_dir: Path, run_info: dict) -> None:
 
 
 def generate_with_adapter(
-    model, input_ids, policy, budget, max_new_tokens, stop_ids, reuse_layers=1
+    model, input_ids, policy, budget, max_new_tokens, stop_ids, reuse_layers=1, question=()
 ):
-    """Per-layer selections and tokens of ``chunkkv(model, policy=...)`` + ``generate``."""
-    from ..integrations.hf import chunkkv
+    """Per-layer selections and tokens of ``chunkkv(model, policy=...)`` + ``generate``; with
+    ``question``, the prompt ``input_ids`` is prefilled (and compressed) first and generation
+    starts by reading the question, as ``integrations.pipeline`` does."""
+    from ..integrations.hf import cache_kwargs, chunkkv
 
     options = dict(budget=budget, policy=policy, reuse_layers=reuse_layers)
     with chunkkv(model, **options) as state, torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        if question:
+            model(input_ids, **cache_kwargs(model, cache))
+            input_ids = torch.cat([input_ids, torch.tensor([question]).to(input_ids)], dim=1)
         out = model.generate(
             input_ids,
+            **cache_kwargs(model, cache),
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max_new_tokens,
             do_sample=False,
@@ -169,44 +182,58 @@ def evaluate(
     engine: str = "shared",
     max_batch: int = 16,
     progress: bool = True,
+    settings=SETTINGS[:1],
 ) -> Path:
-    """Runs every example with ``fullkv`` once and every other method at every ratio, appending
-    to ``out_dir/results.jsonl`` (returned)."""
+    """Runs every example with ``fullkv`` once and every other method at every ratio, in each
+    of ``settings``, appending to ``out_dir/results.jsonl`` (returned)."""
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume(out_dir, run_info)
     path = out_dir / RESULTS_FILE
-    done = {result_key(r["example_id"], r["method"], r["ratio"]) for r in read_results(path)}
+    done = {
+        result_key(r["example_id"], r["method"], r["ratio"], r.get("setting", SETTINGS[0]))
+        for r in read_results(path)
+    }
     stop_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
 
-    def todo_for(example):
+    def todo_for(example, setting):
         return [
             (m, r)
             for m in methods
             for r in ([None] if m.name == "fullkv" else ratios)
-            if result_key(example.example_id, m.label, r) not in done
+            if result_key(example.example_id, m.label, r, setting) not in done
         ]
 
-    plan = [(example, todo_for(example)) for example in examples if todo_for(example)]
+    plan = [
+        (example, setting, todo_for(example, setting))
+        for example in examples
+        for setting in settings
+        if todo_for(example, setting)
+    ]
     bar = tqdm(
-        total=sum(len(todo) for _, todo in plan), disable=not progress, unit="run", desc="eval"
+        total=sum(len(todo) for *_, todo in plan), disable=not progress, unit="run", desc="eval"
     )
     with path.open("a") as results:
-        for example, todo in plan:
-            bar.set_postfix_str(example.example_id)
-            input_ids = torch.tensor([prompt_ids(example, tokenizer, chat)], device=device)
+        for example, setting, todo in plan:
+            bar.set_postfix_str(f"{example.example_id} {setting}")
+            if setting == "question-agnostic":
+                prompt, question = segment_ids(example, tokenizer, chat)
+            else:
+                prompt, question = prompt_ids(example, tokenizer, chat), []
             for record in run_prompt(
                 model,
                 tokenizer,
                 example,
-                input_ids,
+                torch.tensor([prompt], device=device),
                 todo,
                 stop_ids,
                 engine=engine,
                 fidelity=fidelity,
                 max_batch=max_batch,
+                question=question,
+                setting=setting,
             ):
                 results.write(json.dumps(record) + "\n")
             results.flush()
@@ -216,11 +243,23 @@ def evaluate(
 
 
 def run_prompt(
-    model, tokenizer, example, input_ids, todo, stop_ids, *, engine, fidelity, max_batch
+    model,
+    tokenizer,
+    example,
+    input_ids,
+    todo,
+    stop_ids,
+    *,
+    engine,
+    fidelity,
+    max_batch,
+    question=(),
+    setting=SETTINGS[0],
 ) -> list[dict]:
     """The records of one prompt: every (method, ratio) of ``todo`` selects on the shared
     prefill, then all decode as batches beside the full cache (row 0), whose greedy answer is
-    also the continuation the fidelity metrics trace."""
+    also the continuation the fidelity metrics trace. With ``question`` (question-agnostic)
+    ``input_ids`` is the context alone, and each cache reads the question before decoding."""
     start = time.perf_counter()
     pre = eng.prefill(model, input_ids)
     T = pre.seq_len
@@ -246,6 +285,7 @@ def run_prompt(
                     example.max_new_tokens,
                     stop_ids,
                     method.reuse_layers,
+                    question,
                 )
                 for budget in budgets
             ]
@@ -267,10 +307,19 @@ def run_prompt(
     rows = {id(run): row for row, run in enumerate(compressed, start=1)}
     caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections) for run in compressed]
     decoded = in_batches(
-        eng.greedy_decode, model, pre, caches, max_batch, example.max_new_tokens, stop_ids
+        eng.greedy_decode,
+        model,
+        pre,
+        caches,
+        max_batch,
+        example.max_new_tokens,
+        stop_ids,
+        list(question),
     )
-    full_tokens = decoded[0]
-    traces = in_batches(eng.trace, model, pre, caches, max_batch, full_tokens) if fidelity else None
+    continuation = list(question) + decoded[0]
+    traces = (
+        in_batches(eng.trace, model, pre, caches, max_batch, continuation) if fidelity else None
+    )
     prompt_seconds = round(time.perf_counter() - start, 3)
 
     records = []
@@ -285,7 +334,8 @@ def run_prompt(
             "example_id": example.example_id,
             "length": example.length,
             "depth": example.depth,
-            "prompt_tokens": T,
+            "prompt_tokens": T + len(question),
+            "setting": setting,
             "method": run.method.label,
             "ratio": run.ratio,
             "budget": run.budget,

@@ -28,6 +28,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ..integrations import pipeline
+
 TASKS = ("passkey", "multikey", "multidoc", "arithmetic")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -391,13 +393,7 @@ def render_prompt(example: Example, tokenizer, chat: bool = True) -> str:
     With ``chat`` and a tokenizer that has a chat template, the template wraps the user turn and
     the answer prefix opens the assistant turn; otherwise plain text.
     """
-    user = f"{example.context}\n\n{example.question}"
-    if chat and getattr(tokenizer, "chat_template", None):
-        turn = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        return turn + example.answer_prefix
-    return f"{user}\n\n{example.answer_prefix}"
+    return "".join(_segments(example, tokenizer, chat))
 
 
 def prompt_ids(example: Example, tokenizer, chat: bool = True) -> list[int]:
@@ -405,6 +401,23 @@ def prompt_ids(example: Example, tokenizer, chat: bool = True) -> list[int]:
     templated = chat and getattr(tokenizer, "chat_template", None)
     return tokenizer.encode(
         render_prompt(example, tokenizer, chat), add_special_tokens=not templated
+    )
+
+
+def segment_ids(example: Example, tokenizer, chat: bool = True) -> tuple[list[int], list[int]]:
+    """The question-agnostic setting's token ids: the context segment (the prompt up to and
+    including the context) and the question segment (the rest), tokenized apart as
+    ``integrations.pipeline`` does."""
+    context, question = _segments(example, tokenizer, chat)
+    return (
+        pipeline.segment_ids(tokenizer, context, first=True, chat=chat)[0].tolist(),
+        pipeline.segment_ids(tokenizer, question, first=False, chat=chat)[0].tolist(),
+    )
+
+
+def _segments(example: Example, tokenizer, chat: bool) -> tuple[str, str]:
+    return pipeline.prompt_segments(
+        tokenizer, example.context, example.question, example.answer_prefix, chat=chat
     )
 
 

@@ -34,12 +34,12 @@ prompt, exactly as if it ran alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import transformers
@@ -130,6 +130,7 @@ class CompressedLayer(DynamicLayer):
         self.dropped = seq_len - self.keys.shape[-2]
         self.key_start = compressed.key_start
         self.sparse = compressed.sparse
+        self.prompt_len = seq_len  # positions from here on are tokens appended after compression
         self.decode_checked = False  # sparse_decode validates the selection on the first step
 
     def get_seq_length(self) -> int:
@@ -184,7 +185,6 @@ class _Session:
     state: ChunkKVState
     sliding_window: int | None = None  # the smallest sliding window of any layer
     caches: dict = field(default_factory=dict)  # layer index -> the Cache of this call
-    awaiting_decode: set = field(default_factory=set)  # layers prefilled, not yet decoded
     input_ids: torch.Tensor | None = None  # the token ids of the current forward call
     prefill: _Prefill | None = None
 
@@ -244,6 +244,7 @@ def chunkkv(
     model,
     *,
     budget=None,
+    keep_ratio=None,
     ratio=None,
     chunk_size=10,
     window=32,
@@ -255,11 +256,17 @@ def chunkkv(
 ):
     """Compress each layer's KV cache once, right after prefill, for calls made inside.
 
+    The forward call that fills an empty cache is the prefill: it runs dense, then every layer
+    is compressed. Later calls, of one token (decoding) or several (a question after a
+    context, a second chat turn), attend to the compressed cache and join its dense tail.
+
     Args:
         model: a transformers decoder-only model (Llama, Qwen2, Mistral families, ...).
         budget: tokens kept per KV head (``L``); or
-        ratio: ``L = floor(ratio * T_b)`` of each row's own prompt length. Exactly one of the
-            two. When ``L >= T_b`` the row keeps everything.
+        keep_ratio: the fraction of each row's prompt kept, ``L = floor(keep_ratio * T_b)``
+            (kvpress's ``compression_ratio`` is the fraction removed: ``1 - keep_ratio``).
+            ``ratio`` is the same option under its older name. Exactly one of ``budget``,
+            ``keep_ratio``, ``ratio``. When ``L >= T_b`` the row keeps everything.
         chunk_size, window, share_heads, pool_kernel: the ChunkKV options (SPEC.md); only
             with ``policy=None``.
         reuse_layers: layer-wise index reuse (SPEC Algorithm 2); 1 turns it off.
@@ -274,6 +281,7 @@ def chunkkv(
     A cache compressed here is only valid inside the context. Everything is validated before
     the model is touched; on exit the model is exactly as before.
     """
+    ratio = core.kept_fraction(ratio, keep_ratio)
     check_budget(budget, ratio)
     core.check_mode(mode)
     check_int("reuse_layers", reuse_layers, minimum=1)
@@ -295,20 +303,47 @@ def chunkkv(
     )
     previous = model.config._attn_implementation
     hooks = [
-        model.register_forward_pre_hook(partial(_remember_input_ids, session), with_kwargs=True)
+        model.register_forward_pre_hook(
+            functools.partial(_remember_input_ids, session), with_kwargs=True
+        )
     ]
+    own_generate = model.__dict__.get("generate")
     try:
         for module in modules:
             _SESSIONS[module] = session
             hooks.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
         model.set_attn_implementation(ATTENTION_NAME)
+        model.generate = _without_chunked_prefill(model, model.generate)
         yield state
     finally:
         model.set_attn_implementation(previous)
+        if own_generate is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.generate = own_generate
         for hook in hooks:
             hook.remove()
         for module in modules:
             _SESSIONS.pop(module, None)
+
+
+def _without_chunked_prefill(model, generate):
+    """``model.generate`` inside the context. A chunked prefill feeds the prompt in several
+    calls, and the first would be compressed alone (later calls append to a compressed cache):
+    refused before anything runs."""
+
+    @functools.wraps(generate)
+    def generate_in_one_prefill(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        if kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)):
+            raise ValueError(
+                "chunked prefill (generate(prefill_chunk_size=...)) is not supported: chunkkv "
+                "compresses the prompt of the call that fills an empty cache, so the first chunk "
+                "would be compressed alone; prefill the whole prompt in one call"
+            )
+        return generate(*args, **kwargs)
+
+    return generate_in_one_prefill
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -369,18 +404,9 @@ def chunkkv_attention(
         )
     layer = cache.layers[module.layer_idx]
     _check_call(session, module, layer, attention_mask, kwargs.get("sliding_window"))
-    continues_cache = isinstance(layer, CompressedLayer) or key.shape[2] > q_len
-    if continues_cache and q_len > 1 and module.layer_idx in session.awaiting_decode:
-        # A multi-token call right after the prefill that selected: a chunked prefill, whose
-        # first chunk was taken for the whole prompt.
-        raise ValueError(
-            "chunkkv selects on the forward call that fills an empty cache, so "
-            "chunked prefill (generate(prefill_chunk_size=...)) is not supported: "
-            "prefill the whole prompt in one call"
-        )
-    if q_len == 1:
-        session.awaiting_decode.discard(module.layer_idx)
     if isinstance(layer, CompressedLayer):
+        if q_len > 1 and attention_mask is not None:
+            _check_no_padding_after(layer.prompt_len, attention_mask)
         return _decode(module, layer, query, key, value, scaling, dropout)
     key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
     mask = core.causal_mask(q_len, key.shape[2], key_valid, device=query.device)
@@ -417,8 +443,21 @@ def _check_call(session, module, layer, attention_mask, sliding_window) -> None:
         )
 
 
+def _check_no_padding_after(prompt_len: int, attention_mask) -> None:
+    """Tokens appended to a compressed cache join its dense tail in every row: padding there
+    (a batch of questions of different lengths) would be attended to."""
+    if not bool(attention_mask[:, prompt_len:].all()):
+        raise ValueError(
+            "attention_mask has padding after the compressed prompt: calls on a compressed "
+            "cache append the same number of real tokens to every row (pad questions on the "
+            "right and cut them, or run them one at a time)"
+        )
+
+
 def _decode(module, layer, query, key, value, scaling, dropout):
-    """Attention of the new tokens once ``layer`` is compressed."""
+    """Attention of the new tokens (one or several, causal among themselves) once ``layer``
+    is compressed: over the compacted cache (evict) or the retained set read in place
+    (sparse), plus the tokens appended since."""
     if layer.sparse is None:  # evict: plain attention over the compacted cache
         key_valid = core.valid_keys(layer.key_start, key.shape[2])
         mask = core.causal_mask(query.shape[2], key.shape[2], key_valid, device=query.device)
@@ -503,7 +542,6 @@ def _commit(session, prefill: _Prefill) -> None:
     ]
     state.compress_seconds = prefill.seconds
     state.prefills += 1
-    session.awaiting_decode = set(range(state.num_layers))
     session.prefill = None
 
 

@@ -21,9 +21,10 @@ from ..policies import ChunkKV, Policy, Selection, group_leader, resolve_budget
 class ChunkKVCache:
     """One layer's KV cache, compressed once after prefill.
 
-    ``budget``/``ratio`` (exactly one), ``policy`` (default ``ChunkKV()``), ``mode``, and
-    ``layer``/``num_layers`` for the policy. ``leader``: the cache whose selection this layer
-    reuses (SPEC Algorithm 2; :meth:`for_layers` wires the groups). ``keys``/``values`` are what
+    ``budget`` or ``keep_ratio`` (the fraction kept; ``ratio`` is its older name), ``policy``
+    (default ``ChunkKV()``), ``mode``, and ``layer``/``num_layers`` for the policy.
+    ``leader``: the cache whose selection this layer reuses (SPEC Algorithm 2;
+    :meth:`for_layers` wires the groups). ``keys``/``values`` are what
     attention reads, ``seq_len`` the position of the next token, ``selection`` the policy's
     choice (``None``: kept everything, or before prefill).
     """
@@ -32,6 +33,7 @@ class ChunkKVCache:
         self,
         *,
         budget=None,
+        keep_ratio=None,
         ratio=None,
         policy: Policy | None = None,
         mode="evict",
@@ -39,6 +41,7 @@ class ChunkKVCache:
         num_layers=1,
         leader: ChunkKVCache | None = None,
     ):
+        ratio = core.kept_fraction(ratio, keep_ratio)
         check_budget(budget, ratio)
         core.check_mode(mode)
         for name, value, kind in (("policy", policy, Policy), ("leader", leader, ChunkKVCache)):
