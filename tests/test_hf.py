@@ -104,7 +104,7 @@ def spec_kept_length(seq_len, budget):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mode", ["evict", "sparse"])
+@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic"])
 def test_budget_covering_prompt_is_plain_generate(family, mode):
     model = tiny_model(family)
     input_ids = prompt(77)
@@ -433,6 +433,27 @@ def test_left_padded_batch_rows_equal_rows_alone(mode):
             assert state.kept_lengths[layer][row] == alone.kept_lengths[layer][0]
 
 
+def test_dynamic_mode_padded_rows_equal_rows_alone():
+    """Dynamic mode selects at every decode step on each row's own chunk grid: a left-padded
+    batch decodes what each row decodes alone, and the budget is what a step reads."""
+    model = tiny_model("qwen2")
+    lengths = (141, 118, 97)
+    rows = [prompt(n, seed=n) for n in lengths]
+    width = max(lengths)
+    input_ids = torch.cat([torch.nn.functional.pad(r, (width - r.shape[1], 0)) for r in rows])
+    attention_mask = (
+        torch.arange(width)[None, :] >= torch.tensor([width - n for n in lengths])[:, None]
+    ).long()
+    options = dict(ratio=0.15, chunk_size=CHUNK, window=WINDOW, mode="dynamic")
+    with chunkkv(model, **options) as state:
+        batch = greedy(model, input_ids, new_tokens=6, attention_mask=attention_mask)
+    assert state.kept_lengths[0] == [spec_kept_length(n, int(0.15 * n)) for n in lengths]
+    for row, ids in enumerate(rows):
+        with chunkkv(model, **options):
+            assert torch.equal(batch[row : row + 1], greedy(model, ids, new_tokens=6))
+    assert not torch.equal(batch[0:1], greedy(model, rows[0], new_tokens=6))  # it did drop
+
+
 class RecentChunks(Policy):
     """A policy that reads no queries: keep the last chunks before the tail."""
 
@@ -552,7 +573,7 @@ def test_chunked_prefill_is_refused(budget):
             greedy(model, prompt(100), prefill_chunk_size=32)
 
 
-@pytest.mark.parametrize("mode", ["evict", "sparse"])
+@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic"])
 def test_repeated_rows_keep_their_row_state(mode):
     model = tiny_model()
     input_ids = prompt(100, batch=2)

@@ -9,6 +9,7 @@ import torch
 
 from triton_chunkkv import ops
 from triton_chunkkv.integrations.torch_attention import ChunkKVCache, chunkkv_attention
+from triton_chunkkv.ops import reference
 from triton_chunkkv.policies import ChunkKV
 
 TOLERANCES = {
@@ -157,3 +158,27 @@ def test_for_layers_wires_the_group_leaders():
         chunkkv_attention(*qkv(81), cache)
     assert caches[1].selection is caches[0].selection
     assert caches[3].selection is caches[2].selection
+
+
+def test_dynamic_mode_reads_each_steps_best_chunks():
+    """Every step picks the chunks whose key bounds score highest against its own query
+    (float64 bounds computed here), and attends to them plus the tail and the new tokens."""
+    T, budget, c, w = 97, 30, 5, 8
+    query, key, value = qkv(T)
+    cache = ChunkKVCache(budget=budget, policy=ChunkKV(chunk_size=c, window=w), mode="dynamic")
+    chunkkv_attention(query, key, value, cache)
+    assert cache.keys is key and cache.selection is None
+    tail = reference.tail_start(T, c, w)
+    n_keep = reference.num_kept_chunks(T, budget, c, w)
+    keys, values = key, value
+    for _ in range(3):
+        q_new, k_new, v_new = qkv(1)
+        out = chunkkv_attention(q_new, k_new, v_new, cache)
+        keys, values = torch.cat([keys, k_new], 2), torch.cat([values, v_new], 2)
+        chunks = key[:, :, :tail].double().reshape(B, HKV, tail // c, c, D)
+        lo, hi = chunks.amin(3), chunks.amax(3)
+        q = q_new[:, :, 0].double().view(B, HKV, HQ // HKV, 1, D)
+        bound = torch.maximum(q * lo[:, :, None], q * hi[:, :, None]).sum(-1).amax(2)
+        chosen = reference.select_chunks(bound.float(), n_keep)
+        kept_k, kept_v = reference.gather_chunks(keys, values, chosen, c, tail)
+        torch.testing.assert_close(out, attention(q_new, kept_k, kept_v), rtol=1e-4, atol=1e-5)

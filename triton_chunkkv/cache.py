@@ -6,7 +6,9 @@ adapter, the SGLang backend and the evaluation engine share one implementation o
 * selecting on a left-padded batch, each row on its own unpadded prompt (:func:`select_rows`);
 * turning one layer's selection into what decode reads (:func:`compress_layer`): the compacted
   keys/values (evict mode, rows left padded to a common length) or the full cache plus a
-  :class:`SparseIndex` (sparse mode, read in place by ``ops.sparse_decode``);
+  :class:`SparseIndex` (sparse mode, read in place by ``ops.sparse_decode``); or, in dynamic
+  mode, the full cache plus per-chunk key bounds from which every decode step picks its own
+  chunks (:func:`dynamic_layer`, :class:`DynamicIndex`);
 * packing ragged per-row selections into one index (:func:`pack_rows`);
 * attention over a compressed layer: the causal mask (:func:`causal_mask`), dense attention
   (:func:`dense_attention`) and sparse decode (:func:`sparse_attention`);
@@ -26,11 +28,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .ops import reference
+from .ops.kernels.decode_select import select_decode_chunks
 from .ops.kernels.gather import _gather_chunks
 from .ops.kernels.sparse_decode import sparse_decode
 from .policies.base import Policy, ScoreReduce, Selection, kept_length, select_prompt
 
-MODES = ("evict", "sparse")
+# evict: prefill-time selection, the cache compacted (memory freed); sparse: prefill-time
+# selection read in place (reads shrink); dynamic: the chunks re-selected at every decode step
+# from that step's query (reads shrink, the selection follows the question).
+MODES = ("evict", "sparse", "dynamic")
 
 
 def check_mode(mode) -> None:
@@ -120,6 +127,26 @@ class SparseIndex(NamedTuple):
         )
 
 
+class DynamicIndex(NamedTuple):
+    """A dynamic-mode layer: each decode step reads the ``keep_counts[b]`` chunks whose key
+    bounds score highest against its own query, plus the dense tail."""
+
+    kmin: torch.Tensor  # [B, Hkv, n_max, D]: per-chunk key bounds (ops.chunk_bounds)
+    kmax: torch.Tensor
+    chunk_counts: torch.Tensor  # int32 [B]: whole chunks before each row's tail
+    keep_counts: torch.Tensor  # int32 [B]: chunks a step reads
+    n_keep: int  # max(keep_counts)
+    chunk_size: int
+    tail_start: int | torch.Tensor  # int, or int32 [B] row-local
+    row_offset: torch.Tensor | None  # int32 [B]: cache index of each row's position 0
+
+    def select_rows(self, rows: torch.Tensor) -> DynamicIndex:
+        def pick(t):
+            return t[rows] if isinstance(t, torch.Tensor) else t
+
+        return self._replace(**{name: pick(getattr(self, name)) for name in self._fields})
+
+
 @dataclass
 class CompressedKV:
     """One layer's cache after its prefill was compressed.
@@ -132,8 +159,8 @@ class CompressedKV:
     keys: torch.Tensor
     values: torch.Tensor
     key_start: torch.Tensor | None
-    sparse: SparseIndex | None
-    kept_lengths: list[int]
+    sparse: SparseIndex | DynamicIndex | None
+    kept_lengths: list[int]  # per row: prompt tokens kept (dynamic: read per decode step)
 
 
 def pack_rows(
@@ -210,6 +237,51 @@ def compress_layer(mode: str, key, value, selection, pads: Sequence[int]) -> Com
     return CompressedKV(keys, values, key_start, None, kept)
 
 
+def chunk_grid(policy) -> tuple[int, int]:
+    """``(chunk_size, window)`` dynamic mode uses: the policy's own (SPEC's by default)."""
+    return getattr(policy, "chunk_size", 10), getattr(policy, "window", None) or 32
+
+
+def dynamic_layer(key, value, pads, budgets, chunk_size: int, window: int) -> CompressedKV:
+    """Dynamic mode: the whole prompt stays; each row's whole chunks before its SPEC tail
+    (step 3 with ``window``) get key bounds, and each decode step will read the number of
+    chunks SPEC step 5 gives for the row's budget (all of them when it covers the prompt)."""
+    B, _, T_pad, _ = key.shape
+    rows = []
+    for pad, budget in zip(pads, budgets):
+        T = T_pad - pad
+        tail = reference.tail_start(T, chunk_size, window)
+        keep = reference.num_kept_chunks(T, budget, chunk_size, window)
+        rows.append((T, tail, tail // chunk_size if keep is None else keep))
+    n_max = max(tail // chunk_size for _, tail, _ in rows)
+    kmin = key.new_zeros(B, key.shape[1], n_max, key.shape[3])
+    kmax = key.new_zeros(B, key.shape[1], n_max, key.shape[3])
+    for row, (pad, (_, tail, _)) in enumerate(zip(pads, rows)):
+        n = tail // chunk_size
+        kmin[row, :, :n], kmax[row, :, :n] = reference.chunk_bounds(
+            key[row : row + 1, :, pad:], chunk_size, n
+        )
+    device = key.device
+
+    def as_int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    keep = [n for _, _, n in rows]
+    index = DynamicIndex(
+        kmin,
+        kmax,
+        as_int32([tail // chunk_size for _, tail, _ in rows]),
+        as_int32(keep),
+        max(keep),
+        chunk_size,
+        as_int32([tail for _, tail, _ in rows]),
+        as_int32(pads) if any(pads) else None,
+    )
+    kept = [n * chunk_size + T - tail for (T, tail, _), n in zip(rows, keep)]
+    key_start = torch.tensor(pads, device=device) if any(pads) else None
+    return CompressedKV(key, value, key_start, index, kept)
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention over a compressed layer
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +323,11 @@ def dense_attention(query, key, value, scaling, mask=None):
     )
 
 
-def sparse_attention(query, key, value, index: SparseIndex, *, key_start, scaling, validate):
+def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
     """Attention ``[B, Hq, q, D]`` of the ``q`` newest tokens (the last ``q`` cache entries,
-    causal among themselves) over a sparse-mode layer: each attends to the retained set plus
-    the tokens before it. ``key_start [B]`` (or ``None``) is each row's first real index."""
+    causal among themselves) over a sparse- or dynamic-mode layer: each attends to the retained
+    set plus the tokens before it; in dynamic mode each picks its chunks with its own query.
+    ``key_start [B]`` (or ``None``) is each row's first real index."""
     B, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     if key_start is None:
@@ -262,18 +335,31 @@ def sparse_attention(query, key, value, index: SparseIndex, *, key_start, scalin
     outputs = []
     for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
         seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
+        if isinstance(index, DynamicIndex):
+            chunk_idx = select_decode_chunks(
+                query[:, :, i],
+                index.kmin,
+                index.kmax,
+                index.n_keep,
+                keep_counts=index.keep_counts,
+                chunk_counts=index.chunk_counts,
+                validate=False,
+            )
+            chunk_counts = index.keep_counts
+        else:
+            chunk_idx, chunk_counts = index.chunk_idx, index.chunk_counts
         outputs.append(
             sparse_decode(
                 query[:, :, i],
                 key,
                 value,
-                index.chunk_idx,
+                chunk_idx,
                 index.chunk_size,
                 index.tail_start,
                 seq_lens,
                 scaling=scaling,
                 row_offset=index.row_offset,
-                chunk_counts=index.chunk_counts,
+                chunk_counts=chunk_counts,
                 validate=validate and i == 0,
             )
         )

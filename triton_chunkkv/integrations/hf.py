@@ -272,7 +272,10 @@ def chunkkv(
         reuse_layers: layer-wise index reuse (SPEC Algorithm 2); 1 turns it off.
         mode: ``"evict"``: the cache holds the compacted keys/values (memory is freed);
             ``"sparse"``: the cache keeps everything and decode attends, through
-            ``ops.sparse_decode``, to the kept chunks and the dense tail only.
+            ``ops.sparse_decode``, to the kept chunks and the dense tail only;
+            ``"dynamic"``: the cache keeps everything and every decode step reads the chunks
+            that its own query's bounds score highest (``ops.select_decode_chunks``, on the
+            policy's chunk grid), as many as the budget allows, plus the dense tail.
         policy: any :class:`~triton_chunkkv.policies.Policy`; ``None`` builds ``ChunkKV``.
 
     Yields:
@@ -500,7 +503,11 @@ def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, s
     start = time.perf_counter()
 
     leader = group_leader(layer_idx, session.reuse_layers)
-    if layer_idx == leader:
+    if session.mode == "dynamic":  # every decode step selects: no prefill-time selection
+        selection = None
+        grid = core.chunk_grid(session.policy)
+        compressed = core.dynamic_layer(key, value, pads, prefill.budgets, *grid)
+    elif layer_idx == leader:
         input_ids = session.input_ids
         if input_ids is not None and tuple(input_ids.shape) != (B, T_pad):
             input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
@@ -517,7 +524,8 @@ def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, s
         )
     else:
         selection = prefill.staged.layers[leader][0]
-    compressed = core.compress_layer(session.mode, key, value, selection, pads)
+    if session.mode != "dynamic":
+        compressed = core.compress_layer(session.mode, key, value, selection, pads)
 
     if key.is_cuda:
         torch.cuda.synchronize(key.device)

@@ -73,12 +73,18 @@ class ChunkKVCache:
         """Select, then keep the compacted (evict) or whole (sparse) prompt: all computed
         before the cache changes."""
         pads = [0] * key.shape[0]
+        budget = resolve_budget(key.shape[2], self.budget, self.ratio)
+        if self.mode == "dynamic":  # every decode step selects: no prefill-time selection
+            grid = core.chunk_grid(self.policy)
+            kv = core.dynamic_layer(key, value, pads, [budget] * len(pads), *grid)
+            self.keys, self.values, self.sparse = key, value, kv.sparse
+            self.selection, self.seq_len = None, key.shape[2]
+            return
         if self.leader is not None:
             if self.leader.seq_len != key.shape[2]:
                 raise ValueError("leader must run its prefill on the same prompt before this layer")
             selection = self.leader.selection
         else:
-            budget = resolve_budget(key.shape[2], self.budget, self.ratio)
             selection = core.select_rows(
                 self.policy,
                 query,

@@ -5,6 +5,7 @@ kernel in :mod:`.kernels`."""
 from . import reference
 from .compression import compress, compress_layers
 from .kernels.chunk_sum import chunk_sum
+from .kernels.decode_select import chunk_bounds, decode_chunk_scores, select_decode_chunks
 from .kernels.gather import gather_chunks
 from .kernels.select_chunks import select_chunks
 from .kernels.sparse_decode import sparse_decode
@@ -13,12 +14,15 @@ from .reference import Compressed
 
 __all__ = [
     "Compressed",
+    "chunk_bounds",
     "chunk_sum",
     "compress",
     "compress_layers",
+    "decode_chunk_scores",
     "gather_chunks",
     "reference",
     "select_chunks",
+    "select_decode_chunks",
     "sparse_decode",
     "window_scores",
 ]

@@ -266,3 +266,30 @@ def sparse_decode(
     logits = logits.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode-time chunk selection (beyond SPEC: ops/kernels/decode_select.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_bounds(k, chunk_size, num_chunks):
+    """``(kmin, kmax)`` ``[B, Hkv, n, D]``: per-dimension bounds of the keys of each chunk."""
+    B, H, _, D = k.shape
+    chunks = k[:, :, : num_chunks * chunk_size].reshape(B, H, num_chunks, chunk_size, D)
+    return chunks.amin(dim=3), chunks.amax(dim=3)
+
+
+def decode_chunk_scores(q, kmin, kmax, *, chunk_counts=None):
+    """float32 ``[B, Hkv, n]``: the largest upper bound on ``<q_h, k>`` over a chunk's keys and
+    the query heads of the KV head's group: ``sum_d max(q_d kmin_d, q_d kmax_d)``."""
+    B, Hq, D = q.shape
+    Hkv, n = kmin.shape[1], kmin.shape[2]
+    g = Hq // Hkv
+    q = q.float().view(B, Hkv, g, 1, D)
+    bound = torch.maximum(q * kmin.float()[:, :, None], q * kmax.float()[:, :, None]).sum(-1)
+    scores = bound.amax(dim=2)  # [B, Hkv, n]
+    if chunk_counts is not None:
+        unused = torch.arange(n, device=q.device) >= chunk_counts.long()[:, None, None]
+        scores = scores.masked_fill(unused, float("-inf"))
+    return scores
