@@ -122,7 +122,9 @@ def kept_positions(chunk_idx, chunk_size, tail_start, seq_len) -> torch.Tensor:
     in order."""
     B, H, n_keep = chunk_idx.shape
     offsets = torch.arange(chunk_size, device=chunk_idx.device)
-    in_chunks = (chunk_idx.long()[..., None] * chunk_size + offsets).reshape(B, H, -1)
+    in_chunks = (chunk_idx.long()[..., None] * chunk_size + offsets).reshape(
+        B, H, n_keep * chunk_size
+    )
     tail = torch.arange(tail_start, seq_len, device=chunk_idx.device).expand(B, H, -1)
     return torch.cat([in_chunks, tail], dim=-1)
 

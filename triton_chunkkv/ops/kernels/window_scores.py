@@ -28,6 +28,7 @@ from .. import reference
 from .._checks import (
     check_dim,
     check_gqa,
+    check_nonempty,
     check_pool_kernel,
     check_same,
     check_scaling,
@@ -60,8 +61,11 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})
 def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
     check_tensor("q_obs", q_obs, 4)
     check_tensor("k", k, 4)
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
     check_same("device", q_obs=q_obs, k=k, key_mask=key_mask)
     check_same("dtype", q_obs=q_obs, k=k)
+    check_nonempty("k", k, {1: "key/value heads", 3: "head dim"})
     B, Hkv, T, D = k.shape
     check_dim("q_obs", q_obs.shape[0], B, "batch size")
     check_dim("q_obs", q_obs.shape[3], D, "head dim")
@@ -71,10 +75,8 @@ def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
             f"q_obs holds a window of {q_obs.shape[2]} queries, expected 1..{T} "
             "(the window cannot exceed the sequence length)"
         )
-    if key_mask is not None:
-        check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
-        if tuple(key_mask.shape) != (B, T):
-            raise ValueError(f"key_mask must have shape {(B, T)}, got {tuple(key_mask.shape)}")
+    if key_mask is not None and tuple(key_mask.shape) != (B, T):
+        raise ValueError(f"key_mask must have shape {(B, T)}, got {tuple(key_mask.shape)}")
     check_scaling(scaling)
 
 
