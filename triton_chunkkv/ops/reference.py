@@ -3,6 +3,12 @@
 The Triton kernels are tested against these functions, and CPU tensors run them when
 ``TRITON_INTERPRET`` is not set. Everything is written for clarity, not speed: step 1
 materializes the ``[B, Hq, w, T]`` window probabilities that the kernels never store.
+
+Two rules hold on every path (``docs/DESIGN.md``, "NaN and inf", "Ties"): NaN and inf inputs
+propagate as ``torch.softmax`` attention propagates them (only a query with no visible key, or
+an empty retained set, gives zeros, by an explicit mask); and the sums behind the scores add in
+a fixed order (:func:`sum_in_order`), so equal inputs give bit-equal scores and SPEC's
+lower-index tie rule decides.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
     """SPEC step 1: float32 ``[B, Hq, w, T]`` softmax of the window queries over the keys.
 
     A window query whose every key is masked (only possible under padding) gets all-zero
-    probabilities instead of NaN, so it adds nothing to the scores.
+    probabilities instead of NaN, so it adds nothing to the scores. NaN or inf in ``q_obs`` or
+    in a visible key gives what ``torch.softmax`` gives (NaN rows); masked keys are never read.
     """
     B, Hq, w, D = q_obs.shape
     T = k.shape[2]
@@ -47,7 +54,7 @@ def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :].bool()
     logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.softmax(logits, dim=-1).masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 
 def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
@@ -238,7 +245,8 @@ def sparse_decode(
     chunk_counts=None,
 ) -> torch.Tensor:
     """Exact softmax attention of ``q [B, Hq, D]`` (or ``[B, Hq, 1, D]``) over ``R(b, h)`` of
-    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty.
+    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty
+    (an explicit mask: NaN or inf inside ``R`` propagates as in ``torch.softmax`` attention).
 
     ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]`` (position ``p`` of row ``b`` at index
     ``row_offset[b] + p``, default 0), or ``[num_slots, Hkv, D]`` with ``slot_map [B, S_max]``
@@ -266,5 +274,5 @@ def sparse_decode(
     values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
     logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)
     logits = logits.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(logits, dim=-1).masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
     return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)
