@@ -30,6 +30,20 @@ class Compressed(NamedTuple):
     tail_start: int  # P0: the dense tail [P0, T) is always kept
 
 
+def sum_in_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)`` adding the slices along ``dim`` one after another, so every output element
+    adds its inputs in the same order: equal inputs give bit-equal sums wherever they sit.
+    (torch's reductions order a vectorized body and its remainder differently: equal chunks
+    differed by one ulp, which broke exact ties.)"""
+    slices = x.unbind(dim)
+    if not slices:
+        return x.sum(dim)
+    total = slices[0].clone()
+    for s in slices[1:]:
+        total = total + s
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps 1-2: window attention and token scores
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +76,8 @@ def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
     each KV head's GQA group, then optionally average-pooled (zero padded, divisor ``p``)."""
     B, Hq, w, T = probs.shape
     g = Hq // num_kv_heads
-    scores = probs.sum(dim=2).view(B, num_kv_heads, g, T).mean(dim=2)
+    per_query_head = sum_in_order(probs, dim=2)
+    scores = sum_in_order(per_query_head.view(B, num_kv_heads, g, T), dim=2) / g
     if pool_kernel > 1:
         flat = scores.reshape(B * num_kv_heads, 1, T)
         flat = torch.nn.functional.avg_pool1d(flat, pool_kernel, 1, pool_kernel // 2)
@@ -90,7 +105,8 @@ def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
     """SPEC step 4: float32 ``[B, Hkv, n]`` sums of the token scores over each whole chunk."""
     B, H, T = scores.shape
     p0 = tail_start(T, chunk_size, window)
-    return scores[..., :p0].float().reshape(B, H, p0 // chunk_size, chunk_size).sum(dim=-1)
+    chunks = scores[..., :p0].float().reshape(B, H, p0 // chunk_size, chunk_size)
+    return sum_in_order(chunks, dim=-1)
 
 
 def resolve_budget(seq_len: int, budget=None, ratio=None) -> int:
@@ -113,7 +129,7 @@ def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
     B, H, n = chunk_scores.shape
     scores = chunk_scores.float()
     if share_heads:
-        scores = scores.sum(dim=1, keepdim=True).expand(B, H, n)
+        scores = sum_in_order(scores, dim=1)[:, None].expand(B, H, n)
     # A stable descending sort puts equal scores in index order: ties go to the lower index.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     return order.sort(dim=-1).values.to(torch.int32)
