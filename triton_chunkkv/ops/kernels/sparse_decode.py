@@ -33,7 +33,15 @@ from .._checks import (
     check_scaling,
     check_tensor,
 )
-from .._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
+from .._runtime import (
+    bucket,
+    empty_output,
+    interpreting,
+    launch_lock,
+    multiprocessor_count,
+    tuned,
+    use_triton,
+)
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.
@@ -610,18 +618,19 @@ def _sparse_decode(
         BLOCK_D=block_d,
     )
     out = empty_output((B, Hq, D), q.dtype, q.device)
-    _merge_splits_kernel[(B * Hq,)](
-        partial_out,
-        partial_max,
-        partial_sum,
-        out,
-        Hq,
-        num_splits,
-        *out.stride(),
-        HEAD_DIM=D,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_D=block_d,
-    )
+    with launch_lock():  # a plain @triton.jit kernel: the tuned ones take the lock themselves
+        _merge_splits_kernel[(B * Hq,)](
+            partial_out,
+            partial_max,
+            partial_sum,
+            out,
+            Hq,
+            num_splits,
+            *out.stride(),
+            HEAD_DIM=D,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )
     return out
 
 
