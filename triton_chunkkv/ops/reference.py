@@ -60,8 +60,10 @@ def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
     T = k.shape[2]
     g = Hq // k.shape[1]
     scaling = D**-0.5 if scaling is None else scaling
-    keys = k.float().repeat_interleave(g, dim=1)
-    logits = scaling * torch.einsum("bhid,bhtd->bhit", q_obs.float(), keys)
+    # float64 products and sums, rounded once to float32: a matmul's rounding may depend on a
+    # key's position (BLAS blocks), and equal keys must give bit-equal logits (ties, step 6).
+    keys = k.double().repeat_interleave(g, dim=1)
+    logits = (scaling * torch.einsum("bhid,bhtd->bhit", q_obs.double(), keys)).float()
     query_pos = torch.arange(T - w, T, device=k.device)[:, None]
     allowed = torch.arange(T, device=k.device)[None, :] <= query_pos  # [w, T] causal
     allowed = allowed[None, None]
