@@ -498,9 +498,22 @@ def test_sparse_decode_propagates_nan_as_torch_attention(monkeypatch, name, inde
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("key", [0.0, 0.37])
-@pytest.mark.parametrize("share_heads", [False, True])
+EQUAL_KEYS = [
+    *(
+        (dtype, key, False)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for key in (0.0, 0.37)
+    ),
+    (torch.float32, 0.0, True),
+    (torch.float32, 0.37, True),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, key, share_heads",
+    EQUAL_KEYS,
+    ids=[f"{str(d)[6:]}-{k}" + ("-shared" if s else "") for d, k, s in EQUAL_KEYS],
+)
 def test_equal_keys_keep_the_lowest_chunks(path, dtype, key, share_heads):
     """The issue's case: all-equal keys make every chunk score equal; SPEC step 6 (ties: the
     lower index) keeps chunks 0..n_keep-1. T=400, w=8, c=5: P0 = 390, 78 chunks, a tail of 10;

@@ -24,8 +24,8 @@ PATHS = ("kernels", "reference")
 # (conftest sets TRITON_INTERPRET=1 there).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Examples per test and path: 290 x 2 paths = 580 configurations per run (about 25 s on two
-# busy CPU cores, nearly all of it in the interpreter).
+# Examples per test and path: 290 x 2 paths = 580 configurations per run (25 to 40 s on two
+# shared CPU cores, nearly all of it in the interpreter).
 EXAMPLES = {
     "window_scores": 70,
     "chunk_sum": 30,
