@@ -248,3 +248,40 @@ def test_ratio_budget_is_the_floor_of_the_decimal_ratio():
     assert reference.resolve_budget(100, ratio=0.57) == 57
     assert reference.resolve_budget(996, ratio=0.2) == 199
     assert reference.resolve_budget(7, ratio=1) == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Ties and NaN (docs/DESIGN.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sum_in_order_gives_equal_sums_for_equal_inputs():
+    """torch's sum over a strided dim orders a vectorized body and its remainder differently;
+    adding slice by slice, every output element adds its inputs in the same order."""
+    column = torch.rand(9, 1, dtype=torch.float32)
+    x = column.expand(9, 1000).contiguous()  # every column holds the same nine values
+    total = reference.sum_in_order(x, dim=0)
+    assert total.unique().numel() == 1
+    torch.testing.assert_close(total, x.sum(dim=0))
+    assert reference.sum_in_order(torch.ones(2, 0, 3), dim=1).shape == (2, 3)
+
+
+def test_window_probs_propagate_nan():
+    """A NaN key the query sees makes its whole row NaN, as torch.softmax does; a NaN key it
+    does not see (after its position) changes nothing."""
+    k = one_dim_keys(0.0, 1.0, float("nan"))
+    probs = reference.window_probs(torch.ones(1, 1, 2, 1), k, scaling=1.0)
+    assert probs[0, 0, 0, :2].tolist() == pytest.approx(
+        torch.softmax(torch.tensor([0.0, 1.0]), 0).tolist()
+    )
+    assert probs[0, 0, 0, 2] == 0
+    assert probs[0, 0, 1].isnan().all()
+
+
+def test_sparse_decode_of_an_empty_retained_set_is_zero_even_for_a_nan_query():
+    q = torch.full((1, 1, 4), float("nan"))
+    k = torch.randn(1, 1, 6, 4)
+    chunk_idx = torch.zeros(1, 1, 0, dtype=torch.int32)
+    out = reference.sparse_decode(q, k, k, chunk_idx, 2, 6, 6)
+    assert torch.equal(out, torch.zeros(1, 1, 4))
+    assert reference.sparse_decode(q, k, k, chunk_idx, 2, 4, 6).isnan().all()

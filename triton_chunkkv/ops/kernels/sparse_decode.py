@@ -23,15 +23,25 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import (
+    check_bool,
     check_dim,
     check_gqa,
     check_int,
     check_key_value,
+    check_nonempty,
     check_same,
     check_scaling,
     check_tensor,
 )
-from .._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
+from .._runtime import (
+    bucket,
+    empty_output,
+    interpreting,
+    launch_lock,
+    multiprocessor_count,
+    tuned,
+    use_triton,
+)
 
 # Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
 # outweighs the parallelism it adds.
@@ -277,8 +287,11 @@ def check_sparse_decode_inputs(
         check_dim("q", q.shape[2], 1, "query length (dim 2 of [B, Hq, 1, D])")
     else:
         check_tensor("q", q, 3)
+    check_nonempty("q", q, {q.dim() - 1: "head dim"})
     cache_rank = 4 if slot_map is None else 3
     check_key_value("k_cache", k_cache, "v_cache", v_cache, cache_rank)
+    if slot_map is not None:
+        check_nonempty("k_cache", k_cache, {0: "slots"})
     check_same("dtype", q=q, k_cache=k_cache, v_cache=v_cache)
     check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, dtypes=INDEX_DTYPES)
@@ -477,6 +490,7 @@ def sparse_decode(
     Returns:
         ``[B, Hq, D]`` in ``q``'s dtype.
     """
+    check_bool("validate", validate)  # no sync: a plain Python check
     if validate:
         check_sparse_decode_inputs(
             q,
@@ -540,6 +554,8 @@ def _sparse_decode(
     if q.dim() == 4:
         q = q[:, :, 0]
     B, Hq, D = q.shape
+    if B == 0:  # nothing to launch (and no split count to pick for zero rows)
+        return torch.empty((0, Hq, D), dtype=q.dtype, device=q.device)
     Hkv = k_cache.shape[1]
     n_keep = chunk_idx.shape[2]
     S_max = k_cache.shape[2] if slot_map is None else slot_map.shape[1]
@@ -602,18 +618,19 @@ def _sparse_decode(
         BLOCK_D=block_d,
     )
     out = empty_output((B, Hq, D), q.dtype, q.device)
-    _merge_splits_kernel[(B * Hq,)](
-        partial_out,
-        partial_max,
-        partial_sum,
-        out,
-        Hq,
-        num_splits,
-        *out.stride(),
-        HEAD_DIM=D,
-        BLOCK_S=triton.next_power_of_2(num_splits),
-        BLOCK_D=block_d,
-    )
+    with launch_lock():  # a plain @triton.jit kernel: the tuned ones take the lock themselves
+        _merge_splits_kernel[(B * Hq,)](
+            partial_out,
+            partial_max,
+            partial_sum,
+            out,
+            Hq,
+            num_splits,
+            *out.stride(),
+            HEAD_DIM=D,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+        )
     return out
 
 

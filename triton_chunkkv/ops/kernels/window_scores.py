@@ -28,6 +28,7 @@ from .. import reference
 from .._checks import (
     check_dim,
     check_gqa,
+    check_nonempty,
     check_pool_kernel,
     check_same,
     check_scaling,
@@ -60,8 +61,11 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})
 def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
     check_tensor("q_obs", q_obs, 4)
     check_tensor("k", k, 4)
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
     check_same("device", q_obs=q_obs, k=k, key_mask=key_mask)
     check_same("dtype", q_obs=q_obs, k=k)
+    check_nonempty("k", k, {1: "key/value heads", 3: "head dim"})
     B, Hkv, T, D = k.shape
     check_dim("q_obs", q_obs.shape[0], B, "batch size")
     check_dim("q_obs", q_obs.shape[3], D, "head dim")
@@ -71,10 +75,8 @@ def check_window_inputs(q_obs, k, key_mask, scaling) -> None:
             f"q_obs holds a window of {q_obs.shape[2]} queries, expected 1..{T} "
             "(the window cannot exceed the sequence length)"
         )
-    if key_mask is not None:
-        check_tensor("key_mask", key_mask, 2, dtypes=(torch.bool,))
-        if tuple(key_mask.shape) != (B, T):
-            raise ValueError(f"key_mask must have shape {(B, T)}, got {tuple(key_mask.shape)}")
+    if key_mask is not None and tuple(key_mask.shape) != (B, T):
+        raise ValueError(f"key_mask must have shape {(B, T)}, got {tuple(key_mask.shape)}")
     check_scaling(scaling)
 
 
@@ -113,16 +115,33 @@ def key_splits(seq_len: int, programs: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT)))
 
 
-def merge_row_stats(row_max, row_sum):
+def merge_row_stats(row_max, row_sum, has_key=None):
     """``(m, 1 / l)`` of each query row from per-split ``row_max``/``row_sum [BH, S, rows]``.
 
-    A row that sees no key (all its keys are padding) gets ``m = 0`` and ``1 / l = 0``, so that
-    pass 2 gives it zero probabilities, as ``reference.window_probs`` does.
+    A row that sees no key (``has_key [BH, rows]`` False: all its keys are padding) gets
+    ``m = 0`` and ``1 / l = 0``, so that pass 2 gives it zero probabilities, as
+    ``reference.window_probs`` does. That is an explicit mask, not a test on the statistics:
+    every other row keeps what ``torch.softmax`` gives, NaN when a visible logit is NaN or
+    +inf or when every visible logit is -inf (then ``m = -inf`` and the sum is NaN).
     """
     m = row_max.amax(dim=1)
-    m = m.masked_fill(m == float("-inf"), 0.0)
     total = (row_sum * torch.exp2(row_max - m[:, None])).sum(dim=1)
-    return m, total.reciprocal().masked_fill_(total == 0, 0.0)
+    inv_l = total.reciprocal()
+    if has_key is None:
+        return m, inv_l
+    return m.masked_fill(~has_key, 0.0), inv_l.masked_fill(~has_key, 0.0)
+
+
+def rows_with_a_key(key_mask, num_kv_heads, group, window):
+    """bool ``[B * Hkv, g * w]``: whether query row ``r`` (window query ``r % w``, at position
+    ``T - w + r % w``) sees an unpadded key at or before its position; ``None`` without a
+    ``key_mask`` (key 0 is then visible to every row)."""
+    if key_mask is None:
+        return None
+    B, T = key_mask.shape
+    seen = key_mask.cumsum(dim=1)[:, T - window :] > 0
+    rows = seen[:, None, None, :].expand(B, num_kv_heads, group, window)
+    return rows.reshape(B * num_kv_heads, group * window)
 
 
 def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
@@ -170,7 +189,7 @@ def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
         **shared,
     )
 
-    m, inv_l = merge_row_stats(row_max, row_sum)
+    m, inv_l = merge_row_stats(row_max, row_sum, rows_with_a_key(key_mask, Hkv, group, window))
     _window_scores_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * Hkv)](
         *tensors_and_strides, m, inv_l, scores, T_BUCKET=bucket(T), **shared
     )
@@ -444,12 +463,12 @@ def _window_scores_kernel(
             DOT_IN_FP32,
         )
         row_ok = offs_m < num_rows
-        # Rows past g * w get inv_l = 0: they add nothing.
+        # Rows past g * w see no key (position -1) and get inv_l = 0: they add exact zeros,
+        # even where an inf key meets their zero query (0 * inf is NaN).
         m = tl.load(m_ptr + stats_row + offs_m, mask=row_ok, other=0.0)
         inv_l = tl.load(inv_l_ptr + stats_row + offs_m, mask=row_ok, other=0.0)
-        logits = _masked_logits(
-            q, k, key_ok, offs_n, seq_len - window + offs_m % window, qk_scale, DOT_PRECISION
-        )
+        query_pos = tl.where(row_ok, seq_len - window + offs_m % window, -1)
+        logits = _masked_logits(q, k, key_ok, offs_n, query_pos, qk_scale, DOT_PRECISION)
         total += tl.sum(tl.exp2(logits - m[:, None]) * inv_l[:, None], axis=0)
 
     tl.store(scores_ptr + bh.to(tl.int64) * seq_len + offs_n, total / group, mask=offs_n < seq_len)
