@@ -560,11 +560,6 @@ def test_periodic_keys_tie_on_the_reference_path(monkeypatch):
         )
 
 
-@pytest.mark.xfail(
-    reason="policies/chunkkv.py sums shared heads with torch's sum over dim 1, whose order "
-    "depends on the chunk's position; reference.sum_in_order would keep the tie",
-    strict=False,
-)
 def test_periodic_keys_tie_with_shared_heads(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q_obs, k = periodic_keys(3, 32, 5, 100, seed=4)  # T = 500: 98 chunks, a tail of 10

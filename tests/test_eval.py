@@ -322,3 +322,18 @@ def test_tiny_model_runs_the_whole_pipeline(tmp_path, monkeypatch, one_thread):
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
     with pytest.raises(ValueError, match="seed"):
         cli.run(cli_args(out, "--seed", "1"))
+
+
+def test_both_settings_run_and_report_side_by_side(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "settings"
+    args = cli_args(out, "--settings", "question-aware", "question-agnostic", "--no-fidelity")
+    args.methods = ["fullkv", f"chunkkv:window={WINDOW},chunk_size={CHUNK}"]
+    assert cli.run(args) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["setting"] for r in records} == {"question-aware", "question-agnostic"}
+    assert len(records) == 2 * 3 * (1 + 2)  # settings x prompts x (fullkv + 2 ratios)
+    report = (out / "report.md").read_text()
+    assert "## Accuracy, question-aware" in report and "## Accuracy, question-agnostic" in report
+    cli.run(args)  # resuming adds nothing
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)

@@ -26,7 +26,7 @@ from ..arguments import UsageError
 from ..models import DEFAULT_MAX_POSITIONS, max_positions
 from ..policies import POLICIES
 from .loading import DEFAULT_MODEL, TINY_MODEL
-from .tasks import DEFAULT_DEPTHS, TASKS
+from .tasks import DEFAULT_DEPTHS, SETTINGS, TASKS
 
 DEFAULT_METHODS = ("fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "chunkkv")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -197,6 +197,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch CPU threads (1 is fastest on a busy machine)",
     )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=[SETTINGS[0]],
+        help="question-aware: the question is inside the compressed prompt (default); "
+        "question-agnostic: the context alone is compressed, the question read afterwards "
+        "(kvpress's pipeline); both may be given",
+    )
     parser.add_argument("--no-chat", action="store_true", help="plain prompts, no chat template")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the per-layer metrics")
     parser.add_argument("--no-progress", action="store_true")
@@ -270,6 +279,7 @@ def run(args) -> int:
             "lengths": args.lengths,
             "depths": args.depths,
             "per_cell": args.per_cell,
+            "settings": args.settings,
             "date": datetime.date.today().isoformat(),
             "commit": git_commit(),
             "device": device_name(args.device),
@@ -290,6 +300,7 @@ def run(args) -> int:
             engine=args.engine,
             max_batch=args.max_batch,
             progress=not args.no_progress,
+            settings=args.settings,
         )
     print(f"report: {write_report(args.out)}")
     return 0

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from .runner import RESULTS_FILE, RUN_FILE, SETTINGS, read_results
+from .runner import RESULTS_FILE, RUN_FILE, read_results
+from .tasks import SETTINGS
 
 FIDELITY = (
     ("attn_output_l1", "attention output L1 (lower is better)"),

@@ -21,7 +21,7 @@ from ..ops import reference
 from ..policies import POLICIES, Policy, kept_length, make_policy
 from . import engine as eng
 from .metrics import adjacent_jaccard, extracted_answer, layer_fidelity
-from .tasks import Example, prompt_ids, segment_ids
+from .tasks import SETTINGS, Example, prompt_ids, segment_ids
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -83,11 +83,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-# Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
-# alone is compressed, the question read afterwards (kvpress's pipeline, integrations.pipeline).
-SETTINGS = ("question-aware", "question-agnostic")
 
 
 def result_key(example_id: str, method: str, ratio, setting="question-aware") -> tuple:

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 from ..integrations import pipeline
 
 TASKS = ("passkey", "multikey", "multidoc", "arithmetic")
+# Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
+# alone is compressed, the question read afterwards (kvpress's pipeline, integrations.pipeline).
+SETTINGS = ("question-aware", "question-agnostic")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 SUBJECTS = (

@@ -145,7 +145,8 @@ class ChunkKV(Policy):
             )
             chunk_scores = chunk_scores.masked_fill(sinks, float("inf"))
         if self.share_heads:
-            chunk_scores = chunk_scores.sum(dim=1, keepdim=True)
+            # In a fixed order, so that heads whose scores tie give tied sums (SPEC step 6).
+            chunk_scores = reference.sum_in_order(chunk_scores, dim=1)[:, None]
         if reduce_scores is not None:
             chunk_scores = reduce_scores(chunk_scores)
         tail_start = reference.tail_start(T, self.chunk_size, self.window)
