@@ -253,7 +253,7 @@ EMPTY_BATCH = [
         "sparse_decode",
         "4-D q",
         lambda a: empty_batch(a, q=a["q"][:0, :, None]),
-        ((0, 2, 16), F32),
+        ((0, 2, 1, 16), F32),  # shaped like q
     ),
     ("sparse_decode", "slots", slot_layout_batch_of_zero, ((0, 2, 16), F32)),
     ("compress", "", empty_batch, (KEPT, KEPT, ((0, 2, 1), I32))),

@@ -156,8 +156,8 @@ def test_query_with_length_axis_and_int_tail_start():
     case["tail_start"] = int(case["tail_start"][0])
     case["q"] = case["q"][:, :, None, :]
     as_int = ops.sparse_decode(**case, num_splits=2)
-    assert as_int.shape == as_tensor.shape
-    torch.testing.assert_close(as_int, as_tensor, rtol=0, atol=0)
+    assert as_int.shape == (*as_tensor.shape[:2], 1, as_tensor.shape[2])  # shaped like q
+    torch.testing.assert_close(as_int[:, :, 0], as_tensor, rtol=0, atol=0)
     torch.testing.assert_close(as_int, reference.sparse_decode(**case), rtol=1e-4, atol=1e-5)
 
 
@@ -287,7 +287,7 @@ def test_validate_false_skips_the_data_checks():
         (lambda c: dict(k_cache=c["k_cache"].half()), ValueError, "dtype.*k_cache"),
         (lambda c: dict(v_cache=c["v_cache"][:, :, :-1]), ValueError, "v_cache"),
         (lambda c: dict(q=c["q"][:, :5]), ValueError, "q has 5 heads"),
-        (lambda c: dict(q=c["q"][:, :, None].expand(-1, -1, 2, -1)), ValueError, "q"),
+        (lambda c: dict(q=c["q"][:, :, None][:, :, :0]), ValueError, "q"),  # no query
         (lambda c: dict(q=c["q"][..., :32]), ValueError, "k_cache has head dim"),
         (lambda c: dict(chunk_size=0), ValueError, "chunk_size"),
         (lambda c: dict(num_splits=0), ValueError, "num_splits"),
@@ -395,3 +395,79 @@ def test_gpu_cuda_graph_capture_without_validation():
         }
     )
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCES[torch.bfloat16])
+
+
+def causal_compacted_attention(q, k, v, chunk_idx, chunk_size, tail_starts, seq_lens, scaling):
+    """float32 truth for ``q [B, Hq, n, D]``, the ``n`` newest tokens: each attends to the
+    gathered chunks, the dense range up to its own position, nothing after it."""
+    B, Hq, n, D = q.shape
+    g = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, n, D)
+    for b in range(B):
+        tail, seq_len = int(tail_starts[b]), int(seq_lens[b])
+        for i in range(n):
+            kk, vv = reference.gather_chunks(
+                k[b : b + 1, :, : seq_len - n + i + 1],
+                v[b : b + 1, :, : seq_len - n + i + 1],
+                chunk_idx[b : b + 1],
+                chunk_size,
+                tail,
+            )
+            kk, vv = kk[0].float().repeat_interleave(g, 0), vv[0].float().repeat_interleave(g, 0)
+            probs = torch.softmax(scaling * torch.einsum("hd,hld->hl", q[b, :, i].float(), kk), -1)
+            out[b, :, i] = torch.einsum("hl,hld->hd", probs, vv)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group, n, splits", [(1, 7, 1), (3, 5, 3), (4, 16, 2), (2, 1, 4)])
+def test_several_queries_attend_causally_among_themselves(dtype, group, n, splits):
+    """A question after a compressed context: ``n`` new tokens at once, each seeing the kept
+    chunks, the dense range and the new tokens up to itself (rows of different lengths)."""
+    case, _ = make_case(
+        group=group, prompt_lens=(57, 43, 66), seq_lens=(57 + n, 43 + n, 70 + n), dtype=dtype
+    )
+    B, Hq, D = case["q"].shape
+    q = torch.randn(B, Hq, n, D).to(dtype)
+    case["q"] = q
+    out = ops.sparse_decode(**case, num_splits=splits)
+    assert out.shape == (B, Hq, n, D) and out.dtype == dtype
+    expected = causal_compacted_attention(
+        q,
+        case["k_cache"],
+        case["v_cache"],
+        case["chunk_idx"],
+        case["chunk_size"],
+        case["tail_start"],
+        case["seq_lens"],
+        D**-0.5,
+    )
+    torch.testing.assert_close(out.float(), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(
+        reference.sparse_decode(**case).float(), expected, **TOLERANCES[dtype]
+    )
+    poison_unretained(case)  # keys after the newest token and outside R are never read
+    torch.testing.assert_close(ops.sparse_decode(**case, num_splits=splits), out)
+
+
+def test_several_queries_in_the_slot_layout():
+    case, _ = make_case(prompt_lens=(57, 43, 66), seq_lens=(63, 49, 72))
+    B, Hkv, S_max, D = case["k_cache"].shape
+    q = torch.randn(B, case["q"].shape[1], 6, D)
+    dense = ops.sparse_decode(**{**case, "q": q})
+    slots = torch.randperm(B * S_max).view(B, S_max).to(torch.int32)
+    pool_k = torch.empty(B * S_max, Hkv, D)
+    pool_v = torch.empty(B * S_max, Hkv, D)
+    pool_k[slots.long()] = case["k_cache"].transpose(1, 2)
+    pool_v[slots.long()] = case["v_cache"].transpose(1, 2)
+    slotted = ops.sparse_decode(
+        **{**case, "q": q, "k_cache": pool_k, "v_cache": pool_v}, slot_map=slots
+    )
+    torch.testing.assert_close(slotted, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_several_queries_need_the_dense_range_to_start_before_them():
+    case, _ = make_case(prompt_lens=(57, 43, 66), seq_lens=(53, 45, 68))  # row 0: tail at 50
+    case["q"] = torch.randn(3, case["q"].shape[1], 5, case["q"].shape[2])
+    with pytest.raises(ValueError, match=r"tail_start <= seq_lens - n \+ 1"):
+        ops.sparse_decode(**case)

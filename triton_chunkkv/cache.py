@@ -326,28 +326,39 @@ def dense_attention(query, key, value, scaling, mask=None):
 def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
     """Attention ``[B, Hq, q, D]`` of the ``q`` newest tokens (the last ``q`` cache entries,
     causal among themselves) over a sparse- or dynamic-mode layer: each attends to the retained
-    set plus the tokens before it; in dynamic mode each picks its chunks with its own query.
-    ``key_start [B]`` (or ``None``) is each row's first real index."""
+    set plus the tokens before it. Sparse mode is one ``sparse_decode`` call for all of them;
+    in dynamic mode each query picks its own chunks first. ``key_start [B]`` (or ``None``) is
+    each row's first real index."""
     B, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    if key_start is None:
-        key_start = torch.zeros(B, dtype=torch.int32, device=key.device)
+    seq_lens = torch.full((B,), kv_len, dtype=torch.int32, device=key.device)
+    if key_start is not None:
+        seq_lens = seq_lens - key_start.to(torch.int32)
+    options = dict(scaling=scaling, row_offset=index.row_offset)
+    if isinstance(index, SparseIndex):
+        return sparse_decode(
+            query,
+            key,
+            value,
+            index.chunk_idx,
+            index.chunk_size,
+            index.tail_start,
+            seq_lens,
+            chunk_counts=index.chunk_counts,
+            validate=validate,
+            **options,
+        )
     outputs = []
-    for i in range(q_len):  # one query at a time; q_len is 1 in ordinary decoding
-        seq_lens = (kv_len - q_len + i + 1 - key_start).to(torch.int32)
-        if isinstance(index, DynamicIndex):
-            chunk_idx = select_decode_chunks(
-                query[:, :, i],
-                index.kmin,
-                index.kmax,
-                index.n_keep,
-                keep_counts=index.keep_counts,
-                chunk_counts=index.chunk_counts,
-                validate=False,
-            )
-            chunk_counts = index.keep_counts
-        else:
-            chunk_idx, chunk_counts = index.chunk_idx, index.chunk_counts
+    for i in range(q_len):  # one query at a time: each selects its own chunks
+        chunk_idx = select_decode_chunks(
+            query[:, :, i],
+            index.kmin,
+            index.kmax,
+            index.n_keep,
+            keep_counts=index.keep_counts,
+            chunk_counts=index.chunk_counts,
+            validate=False,
+        )
         outputs.append(
             sparse_decode(
                 query[:, :, i],
@@ -356,11 +367,10 @@ def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
                 chunk_idx,
                 index.chunk_size,
                 index.tail_start,
-                seq_lens,
-                scaling=scaling,
-                row_offset=index.row_offset,
-                chunk_counts=chunk_counts,
+                seq_lens - (q_len - 1 - i),
+                chunk_counts=index.keep_counts,
                 validate=validate and i == 0,
+                **options,
             )
         )
     return torch.stack(outputs, dim=2)

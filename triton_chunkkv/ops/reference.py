@@ -262,16 +262,17 @@ def sparse_decode(
     row_offset=None,
     chunk_counts=None,
 ) -> torch.Tensor:
-    """Exact softmax attention of ``q [B, Hq, D]`` (or ``[B, Hq, 1, D]``) over ``R(b, h)`` of
-    the uncompacted cache; output ``[B, Hq, D]`` in ``q``'s dtype, zeros where ``R`` is empty
-    (an explicit mask: NaN or inf inside ``R`` propagates as in ``torch.softmax`` attention).
+    """Exact softmax attention of ``q [B, Hq, D]`` (or the ``n`` newest tokens' ``[B, Hq, n,
+    D]``, query ``i`` at position ``seq_len - n + i``, causal in the dense range) over
+    ``R(b, h)`` of the uncompacted cache; output like ``q``, in its dtype, zeros where ``R`` is
+    empty (an explicit mask: NaN or inf inside ``R`` propagates as in ``torch.softmax``).
 
     ``k_cache``/``v_cache`` are ``[B, Hkv, S_max, D]`` (position ``p`` of row ``b`` at index
     ``row_offset[b] + p``, default 0), or ``[num_slots, Hkv, D]`` with ``slot_map [B, S_max]``
     giving each position's slot. Values outside ``R`` are never used, even NaN ones.
     """
-    if q.dim() == 4:
-        q = q.squeeze(2)
+    one_query = q.dim() == 3
+    q = q[:, :, None] if one_query else q  # [B, Hq, n, D]
     if slot_map is not None:  # [num_slots, Hkv, D] -> [B, Hkv, S_max, D]
         # Slots of positions outside R may hold anything; clamped, they are read and masked.
         slots = slot_map.long().clamp(0, k_cache.shape[0] - 1)
@@ -281,19 +282,28 @@ def sparse_decode(
         index = row_offset.long()[:, None] + torch.arange(S_max, device=q.device)
         index = index.clamp(max=S_max - 1)[:, None, :, None].expand_as(k_cache)
         k_cache, v_cache = k_cache.gather(2, index), v_cache.gather(2, index)
-    B, Hq, D = q.shape
+    B, Hq, n, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     g = Hq // Hkv
     scaling = D**-0.5 if scaling is None else scaling
-    keep = retained_mask(
+    retained = retained_mask(
         chunk_idx, chunk_size, tail_start, seq_lens, S_max, chunk_counts=chunk_counts
-    ).repeat_interleave(g, dim=1)
-    keys = k_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
-    values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~keep[..., None], 0.0)
-    logits = scaling * torch.einsum("bhd,bhtd->bht", q.float(), keys)
+    ).repeat_interleave(g, dim=1)  # [B, Hq, S_max]
+    # Query i sees the dense range up to its own position seq_len - n + i; chunks, before the
+    # dense range, it always sees.
+    pos = torch.arange(S_max, device=q.device)
+    tails = torch.as_tensor(tail_start, device=q.device).expand(B).long()
+    own = torch.as_tensor(seq_lens, device=q.device).expand(B).long()[:, None] - n
+    own = own + torch.arange(n, device=q.device)  # [B, n]
+    causal = (pos[None, None, :] < tails[:, None, None]) | (pos[None, None, :] <= own[..., None])
+    keep = retained[:, :, None, :] & causal[:, None]  # [B, Hq, n, S_max]
+    keys = k_cache.float().repeat_interleave(g, dim=1).masked_fill(~retained[..., None], 0.0)
+    values = v_cache.float().repeat_interleave(g, dim=1).masked_fill(~retained[..., None], 0.0)
+    logits = scaling * torch.einsum("bhqd,bhtd->bhqt", q.float(), keys)
     logits = logits.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(logits, dim=-1).masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
-    return torch.einsum("bht,bhtd->bhd", probs, values).to(q.dtype)
+    out = torch.einsum("bhqt,bhtd->bhqd", probs, values).to(q.dtype)
+    return out[:, :, 0] if one_query else out
 
 
 # ---------------------------------------------------------------------------------------------

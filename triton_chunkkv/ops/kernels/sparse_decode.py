@@ -1,15 +1,18 @@
 """Block-sparse decode attention over the retained chunks of an uncompacted cache.
 
-One decode query per sequence attends to SPEC's ``R(b, h)`` (the kept chunks plus the dense
-range ``[tail_start_b, seq_len_b)``) read in place, flash-decoding style:
+The newest token (or the ``n`` newest, causal among themselves) of each sequence attends to
+SPEC's ``R(b, h)`` (the kept chunks plus the dense range ``[tail_start_b, seq_len_b)``) read
+in place, flash-decoding style:
 
 1. ``_sparse_decode_split_kernel``, grid ``(B * Hkv, num_splits)``: each ``(b, h)`` walks its
    retained set as one logical list of ``n_valid * c + seq_len_b - tail_start_b`` tokens
    (logical ``j < n_valid * c`` is token ``j % c`` of chunk ``chunk_idx[j // c]``, the rest is
-   the tail), cut into ``num_splits`` equal ranges. A program takes the ``g`` query heads of
-   its KV head together as the M side of ``tl.dot`` (each K/V row is read once per KV head)
-   and writes an unnormalized partial output with its running max and sum.
-2. ``_merge_splits_kernel``, grid ``(B * Hq,)``: combines the partials by log-sum-exp.
+   the tail), cut into ``num_splits`` equal ranges. A program takes the ``g * n`` query rows of
+   its KV head (``g`` heads, ``n`` queries) together as the M side of ``tl.dot`` (each K/V row
+   is read once per KV head) and writes an unnormalized partial output with its running max
+   and sum. Query ``i`` sits at position ``seq_len_b - n + i`` and sees the dense range up to
+   it.
+2. ``_merge_splits_kernel``, grid ``(B * Hq * n,)``: combines the partials by log-sum-exp.
 
 The split ranges are computed in the kernel from each row's own length, so the grid depends on
 shapes only: no host sync, and a ``validate=False`` call can be captured in a CUDA graph.
@@ -85,10 +88,12 @@ def _sparse_decode_split_kernel(
     tail_start_value,
     n_keep,
     num_kv_heads,
+    num_queries,
     num_splits,
     qk_scale_log2,
     stride_qb,
     stride_qh,
+    stride_qi,
     stride_qd,
     stride_kb,
     stride_kh,
@@ -138,15 +143,19 @@ def _sparse_decode_split_kernel(
     start = split * split_len
     end = tl.minimum(start + split_len, total)
 
-    heads = tl.arange(0, BLOCK_G)
+    # Query rows: row r is query r % n of the group's query head r // n.
+    rows_g = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
-    head_ok = heads < GROUP
+    head_ok = rows_g < GROUP * num_queries
     dim_ok = dims < HEAD_DIM
-    q_heads = h * GROUP + heads
+    q_heads = h * GROUP + rows_g // num_queries
+    query = rows_g % num_queries
+    last_visible = seq_len - num_queries + query  # each query's own position
     q = tl.load(
         q_ptr
         + b.to(tl.int64) * stride_qb
         + q_heads[:, None] * stride_qh
+        + query[:, None] * stride_qi
         + dims[None, :] * stride_qd,
         mask=head_ok[:, None] & dim_ok[None, :],
         other=0.0,
@@ -198,18 +207,23 @@ def _sparse_decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
-        logits = tl.where(live[None, :], logits, float("-inf"))
-        # Every block holds a live token, so new_max is finite and exp2(-inf) = 0 on the
-        # first block.
+        # Chunks lie before every query; the dense range is causal among the new queries.
+        visible = live[None, :] & (in_chunks[None, :] | (pos[None, :] <= last_visible[:, None]))
+        logits = tl.where(visible, logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
-        rescale = tl.exp2(row_max - new_max)
-        probs = tl.exp2(logits - new_max[:, None])
+        # A row that has seen no visible key yet keeps max = -inf: shift it by 0, not -inf, so
+        # that exp2 gives 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        probs = tl.exp2(logits - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
         row_max = new_max
 
     # An empty split stores (max=-inf, sum=0, out=0), which the merge weighs by zero.
-    partial_rows = (b * num_kv_heads * GROUP + q_heads).to(tl.int64) * num_splits + split
+    partial_rows = ((b * num_kv_heads * GROUP + q_heads) * num_queries + query).to(
+        tl.int64
+    ) * num_splits + split
     tl.store(
         partial_out_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
         acc,
@@ -226,17 +240,20 @@ def _merge_splits_kernel(
     partial_sum_ptr,
     out_ptr,
     num_q_heads,
+    num_queries,
     num_splits,
     stride_ob,
     stride_oh,
+    stride_oi,
     stride_od,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    b = row // num_q_heads
-    hq = row % num_q_heads
+    row = tl.program_id(0)  # (b, hq, query) row-major
+    b = row // (num_q_heads * num_queries)
+    hq = (row // num_queries) % num_q_heads
+    query = row % num_queries
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     split_ok = splits < num_splits
@@ -256,7 +273,11 @@ def _merge_splits_kernel(
     total = tl.sum(weight * split_sum, 0)
     out = tl.sum(weight[:, None] * split_out, 0) / tl.where(total > 0, total, 1.0)
     tl.store(
-        out_ptr + b.to(tl.int64) * stride_ob + hq * stride_oh + dims * stride_od,
+        out_ptr
+        + b.to(tl.int64) * stride_ob
+        + hq * stride_oh
+        + query * stride_oi
+        + dims * stride_od,
         out.to(out_ptr.dtype.element_ty),
         mask=dim_ok,
     )
@@ -284,7 +305,7 @@ def check_sparse_decode_inputs(
     """Ranks, shapes, dtypes and devices (no sync), then the data checks (these sync)."""
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         check_tensor("q", q, 4)
-        check_dim("q", q.shape[2], 1, "query length (dim 2 of [B, Hq, 1, D])")
+        check_nonempty("q", q, {2: "query length (dim 2 of [B, Hq, n, D])"})
     else:
         check_tensor("q", q, 3)
     check_nonempty("q", q, {q.dim() - 1: "head dim"})
@@ -360,6 +381,7 @@ def check_sparse_decode_inputs(
         slot_map,
         row_offset,
         chunk_counts,
+        num_queries=q.shape[2] if q.dim() == 4 else 1,
     )
 
 
@@ -371,9 +393,20 @@ def first_bad(name: str, bad: torch.Tensor, values: torch.Tensor, requirement: s
 
 
 def check_retained_sets(
-    k_cache, chunk_idx, chunk_size, tail_start, seq_lens, S_max, slot_map, row_offset, chunk_counts
+    k_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    S_max,
+    slot_map,
+    row_offset,
+    chunk_counts,
+    num_queries=1,
 ) -> None:
-    """The data checks: they read the index tensors on the host."""
+    """The data checks: they read the index tensors on the host. With ``num_queries`` new
+    tokens, the dense range starts at or before the first of them (chunks lie before every
+    query)."""
     B, _, n_keep = chunk_idx.shape
     device = chunk_idx.device
     tails = torch.as_tensor(tail_start, device=device).expand(B).long()
@@ -389,7 +422,15 @@ def check_retained_sets(
     else:
         capacity = torch.full((B,), S_max, device=device)
     first_bad("tail_start", tails < 0, tails, "tail_start >= 0")
-    first_bad("tail_start", tails > lens, tails, "tail_start <= seq_lens")
+    if num_queries == 1:
+        first_bad("tail_start", tails > lens, tails, "tail_start <= seq_lens")
+    else:
+        first_bad(
+            "tail_start",
+            tails > lens - num_queries + 1,
+            tails,
+            f"tail_start <= seq_lens - n + 1 (n = {num_queries} queries)",
+        )
     first_bad(
         "seq_lens",
         lens > capacity,
@@ -454,24 +495,28 @@ def sparse_decode(
     chunk_counts=None,
     validate=True,
 ) -> torch.Tensor:
-    """Decode attention over SPEC's retained set ``R(b, h)``, read in place: ``[B, Hq, D]``.
+    """Decode attention over SPEC's retained set ``R(b, h)``, read in place: ``[B, Hq, D]``
+    (``[B, Hq, n, D]`` for ``n`` queries).
 
     Query head ``hq`` of row ``b`` attends, with exact softmax, to the positions of KV head
     ``h = hq // g`` that are in a kept chunk ``[j*c, (j+1)*c)`` for ``j`` in
     ``chunk_idx[b, h]``, or in the dense range ``[tail_start_b, seq_lens[b])`` (the prompt's
     tail and every generated token). No other cache entry is read. A ``(b, h)`` whose set is
-    empty (no chunks and ``tail_start_b == seq_lens[b]``) gets zeros.
+    empty (no chunks and ``tail_start_b == seq_lens[b]``) gets zeros. With ``n`` queries (the
+    ``n`` newest tokens, e.g. a question after a compressed context), query ``i`` sits at
+    position ``seq_lens[b] - n + i`` and sees the dense range up to itself only.
 
     Args:
-        q: ``[B, Hq, D]`` or ``[B, Hq, 1, D]``, float16 / bfloat16 / float32; the query of the
-            token being decoded. ``Hq = g * Hkv``.
+        q: ``[B, Hq, D]`` (the token being decoded) or ``[B, Hq, n, D]`` (the ``n`` newest),
+            float16 / bfloat16 / float32. ``Hq = g * Hkv``.
         k_cache, v_cache: the uncompacted cache, ``q``'s dtype. Dense layout
             ``[B, Hkv, S_max, D]``: position ``p`` of row ``b`` is at index ``p`` (plus
             ``row_offset[b]``). Slot layout (with ``slot_map``): ``[num_slots, Hkv, D]``.
         chunk_idx: int32 ``[B, Hkv, n_keep]``, each row sorted strictly ascending, every entry
             in ``[0, tail_start_b // chunk_size)``; ``n_keep`` may be 0.
         chunk_size: ``c``, any int >= 1 (ChunkKV uses 10).
-        tail_start: int, or int32 ``[B]``: the first position of the dense range.
+        tail_start: int, or int32 ``[B]``: the first position of the dense range, at most
+            ``seq_lens - n + 1``.
         seq_lens: int32 ``[B]``: each row's current length (the dense range ends there).
         scaling: logit scale, default ``D ** -0.5``.
         num_splits: how many programs share one ``(b, h)``'s retained set; ``None`` picks it
@@ -488,7 +533,7 @@ def sparse_decode(
             indices then read wrong or out-of-bounds memory.
 
     Returns:
-        ``[B, Hq, D]`` in ``q``'s dtype.
+        ``[B, Hq, D]`` (or ``[B, Hq, n, D]``, like ``q``) in ``q``'s dtype.
     """
     check_bool("validate", validate)  # no sync: a plain Python check
     if validate:
@@ -551,11 +596,11 @@ def _sparse_decode(
             row_offset=row_offset,
             chunk_counts=chunk_counts,
         )
-    if q.dim() == 4:
-        q = q[:, :, 0]
-    B, Hq, D = q.shape
+    one_query = q.dim() == 3
+    q4 = q[:, :, None] if one_query else q  # [B, Hq, n, D]
+    B, Hq, n, D = q4.shape
     if B == 0:  # nothing to launch (and no split count to pick for zero rows)
-        return torch.empty((0, Hq, D), dtype=q.dtype, device=q.device)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     Hkv = k_cache.shape[1]
     n_keep = chunk_idx.shape[2]
     S_max = k_cache.shape[2] if slot_map is None else slot_map.shape[1]
@@ -568,9 +613,9 @@ def _sparse_decode(
     group = Hq // Hkv
     block_d = max(triton.next_power_of_2(D), MIN_DOT_ROWS)
 
-    partial_out = empty_output((B, Hq, num_splits, D), torch.float32, q.device)
-    partial_max = empty_output((B, Hq, num_splits), torch.float32, q.device)
-    partial_sum = empty_output((B, Hq, num_splits), torch.float32, q.device)
+    partial_out = empty_output((B, Hq, n, num_splits, D), torch.float32, q.device)
+    partial_max = empty_output((B, Hq, n, num_splits), torch.float32, q.device)
+    partial_sum = empty_output((B, Hq, n, num_splits), torch.float32, q.device)
     # Dense caches index by (b, h, position); slot caches by (slot, h): k_cache's dim 0 is
     # then the slot, so the batch stride is unused and the row stride is dim 0's.
     if slot_map is None:
@@ -582,7 +627,7 @@ def _sparse_decode(
         v_strides = (0, v_cache.stride(1), v_cache.stride(0), v_cache.stride(2))
         slot_strides = slot_map.stride()
     _sparse_decode_split_kernel[(B * Hkv, num_splits)](
-        q,
+        q4,
         k_cache,
         v_cache,
         chunk_idx,
@@ -597,9 +642,10 @@ def _sparse_decode(
         0 if tail_is_tensor else tail_start,
         n_keep,
         Hkv,
+        n,
         num_splits,
         scaling * 1.4426950408889634,  # log2(e): the kernels use exp2
-        *q.stride(),
+        *q4.stride(),
         *k_strides,
         *v_strides,
         *chunk_idx.stride(),
@@ -614,24 +660,25 @@ def _sparse_decode(
         HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
-        BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS),
+        BLOCK_G=max(triton.next_power_of_2(group * n), MIN_DOT_ROWS),
         BLOCK_D=block_d,
     )
-    out = empty_output((B, Hq, D), q.dtype, q.device)
+    out = empty_output((B, Hq, n, D), q.dtype, q.device)
     with launch_lock():  # a plain @triton.jit kernel: the tuned ones take the lock themselves
-        _merge_splits_kernel[(B * Hq,)](
+        _merge_splits_kernel[(B * Hq * n,)](
             partial_out,
             partial_max,
             partial_sum,
             out,
             Hq,
+            n,
             num_splits,
             *out.stride(),
             HEAD_DIM=D,
             BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d,
         )
-    return out
+    return out[:, :, 0] if one_query else out
 
 
 def default_num_splits(batch_kv_heads: int, max_tokens: int, device: torch.device) -> int:
