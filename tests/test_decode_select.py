@@ -94,7 +94,7 @@ def test_sparse_decode_over_the_selected_chunks():
     [
         (lambda q, lo, hi: ops.decode_chunk_scores(q[0], lo, hi), "q must have 3 dimensions"),
         (lambda q, lo, hi: ops.decode_chunk_scores(q, lo, hi[..., :8]), "kmax must have"),
-        (lambda q, lo, hi: ops.decode_chunk_scores(q[:, :3], lo, hi), "not a multiple"),
+        (lambda q, lo, hi: ops.decode_chunk_scores(q[:, :3], lo, hi), "positive multiple"),
         (lambda q, lo, hi: ops.select_decode_chunks(q, lo, hi, 99), "n_keep must be <="),
         (lambda q, lo, hi: ops.chunk_bounds(torch.randn(1, 2, 30, 64), 10, 4), "exceeds"),
     ],

@@ -45,6 +45,12 @@ def launch_lock():
     return INTERPRETER_LOCK if interpreting() else contextlib.nullcontext()
 
 
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether a kernel upcasts its ``tl.dot`` operands (the ``DOT_IN_FP32`` constexpr): the
+    interpreter's ``tl.dot`` returns garbage on bf16 operands."""
+    return interpreting() and dtype == torch.bfloat16
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """True when ``tensor``'s op should run the Triton kernel rather than the reference."""
     if tensor.is_cuda:

@@ -80,11 +80,17 @@ def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
     g = Hq // num_kv_heads
     per_query_head = sum_in_order(probs, dim=2)
     scores = sum_in_order(per_query_head.view(B, num_kv_heads, g, T), dim=2) / g
-    if pool_kernel > 1:
-        flat = scores.reshape(B * num_kv_heads, 1, T)
-        flat = torch.nn.functional.avg_pool1d(flat, pool_kernel, 1, pool_kernel // 2)
-        scores = flat.view(B, num_kv_heads, T)
-    return scores
+    return pool_scores(scores, pool_kernel)
+
+
+def pool_scores(scores, pool_kernel: int) -> torch.Tensor:
+    """SPEC step 2's pooling of ``[B, Hkv, T]`` scores: the average over
+    ``[t - p//2, t + p//2]``, zero padded (divisor always ``p``); ``p = 1`` returns them as is."""
+    if pool_kernel == 1:
+        return scores
+    B, H, T = scores.shape
+    flat = scores.reshape(B * H, 1, T)
+    return torch.nn.functional.avg_pool1d(flat, pool_kernel, 1, pool_kernel // 2).view(B, H, T)
 
 
 def window_scores(q_obs, k, *, key_mask=None, scaling=None, pool_kernel=1) -> torch.Tensor:

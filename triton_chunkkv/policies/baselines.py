@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..ops import reference
@@ -154,11 +153,7 @@ class H2O(Policy):
                 scaling=scaling,
                 key_mask=None if key_mask is None else key_mask[:, :end],
             )
-        if self.pool_kernel > 1:
-            scores = F.avg_pool1d(
-                scores.view(B * Hkv, 1, T), self.pool_kernel, 1, self.pool_kernel // 2
-            ).view(B, Hkv, T)
-        return scores
+        return reference.pool_scores(scores, self.pool_kernel)
 
 
 @dataclass

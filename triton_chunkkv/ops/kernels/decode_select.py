@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_dim, check_gqa, check_int, check_same, check_tensor
-from .._runtime import bucket, empty_output, interpreting, tuned, use_triton
+from .._runtime import bucket, dot_in_fp32, empty_output, tuned, use_triton
 from .select_chunks import _select_chunks
 
 # tl.dot needs M >= 16: the g query heads of a KV head are padded up to it.
@@ -123,7 +123,7 @@ def _decode_chunk_scores(q, kmin, kmax, chunk_counts) -> torch.Tensor:
         GROUP=group,
         HEAD_DIM=D,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
+        DOT_IN_FP32=dot_in_fp32(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS),
         BLOCK_D=max(triton.next_power_of_2(D), 16),
@@ -164,7 +164,7 @@ def _decode_chunk_scores_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HAS_CHUNK_COUNTS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -209,7 +209,7 @@ def _decode_chunk_scores_kernel(
         mask=tile_mask,
         other=0.0,
     )
-    if UPCAST:
+    if DOT_IN_FP32:
         q, kmin, kmax = q.to(tl.float32), kmin.to(tl.float32), kmax.to(tl.float32)
     zero = tl.zeros_like(q)
     bound = tl.dot(tl.maximum(q, zero), tl.trans(kmax), input_precision=DOT_PRECISION)

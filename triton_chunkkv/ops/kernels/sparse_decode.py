@@ -38,8 +38,8 @@ from .._checks import (
 )
 from .._runtime import (
     bucket,
+    dot_in_fp32,
     empty_output,
-    interpreting,
     launch_lock,
     multiprocessor_count,
     tuned,
@@ -117,7 +117,7 @@ def _sparse_decode_split_kernel(
     HAS_SLOT_MAP: tl.constexpr,
     HAS_ROW_OFFSET: tl.constexpr,
     HAS_CHUNK_COUNTS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -161,7 +161,7 @@ def _sparse_decode_split_kernel(
         other=0.0,
     )
     q = q.to(k_ptr.dtype.element_ty)
-    if UPCAST:
+    if DOT_IN_FP32:
         q = q.to(tl.float32)
 
     if HAS_SLOT_MAP:  # every sequence shares the slot pool: only the head picks the base
@@ -203,7 +203,7 @@ def _sparse_decode_split_kernel(
         v = tl.load(
             v_base + rows[:, None] * stride_vr + dims[None, :] * stride_vd, mask=kv_mask, other=0.0
         )
-        if UPCAST:
+        if DOT_IN_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
@@ -659,7 +659,7 @@ def _sparse_decode(
         HAS_SLOT_MAP=slot_map is not None,
         HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
-        UPCAST=interpreting() and k_cache.dtype == torch.bfloat16,  # bf16 tl.dot is wrong there
+        DOT_IN_FP32=dot_in_fp32(k_cache.dtype),
         BLOCK_G=max(triton.next_power_of_2(group * n), MIN_DOT_ROWS),
         BLOCK_D=block_d,
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -34,7 +33,7 @@ from .._checks import (
     check_scaling,
     check_tensor,
 )
-from .._runtime import bucket, empty_output, interpreting, multiprocessor_count, tuned, use_triton
+from .._runtime import bucket, dot_in_fp32, empty_output, multiprocessor_count, tuned, use_triton
 
 # Pass 1 wants a few programs per SM; each split then covers at least this many keys, because a
 # split adds g * w statistics to merge.
@@ -97,12 +96,7 @@ def _window_scores(q_obs, k, key_mask, scaling, pool_kernel) -> torch.Tensor:
         return reference.window_scores(
             q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel
         )
-    scores = window_scores_triton(q_obs, k, key_mask, scaling)
-    if pool_kernel > 1:
-        B, Hkv, T = scores.shape
-        pooled = F.avg_pool1d(scores.view(B * Hkv, 1, T), pool_kernel, 1, pool_kernel // 2)
-        scores = pooled.view(B, Hkv, T)
-    return scores
+    return reference.pool_scores(window_scores_triton(q_obs, k, key_mask, scaling), pool_kernel)
 
 
 def key_splits(seq_len: int, programs: int, device: torch.device) -> int:
@@ -170,7 +164,7 @@ def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
         HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
         HAS_KEY_MASK=has_key_mask,
         # The interpreter's tl.dot returns garbage on bf16 operands.
-        DOT_IN_FP32=interpreting() and k.dtype == torch.bfloat16,
+        DOT_IN_FP32=dot_in_fp32(k.dtype),
         # float32 inputs get exact float32 products, not TF32 (which only float32 operands use).
         DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
     )
