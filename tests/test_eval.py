@@ -43,7 +43,8 @@ def test_examples_are_deterministic_per_seed(tokenizer):
     other = build_examples(tokenizer, TASKS, seed=4, **options)
     assert [e.example_id for e in first] == [e.example_id for e in other]
     assert all(a.context != b.context for a, b in zip(first, other))
-    assert len({e.example_id for e in first}) == len(first) == 2 * (2 * 3 + 2 + 2 + 1)
+    # passkey per (length, depth), multikey, multidoc, vartrack, fewshot per length, arithmetic
+    assert len({e.example_id for e in first}) == len(first) == 2 * (2 * 3 + 2 + 2 + 2 + 2 + 1)
 
 
 def test_the_answer_is_in_the_prompt(tokenizer):
@@ -62,7 +63,12 @@ def test_the_answer_is_in_the_prompt(tokenizer):
 @pytest.mark.parametrize("length", [600, 1200])
 def test_prompts_come_close_to_the_requested_length(tokenizer, length):
     for example in build_examples(
-        tokenizer, ["passkey", "multikey"], lengths=[length], depths=[0.5], per_cell=2, seed=0
+        tokenizer,
+        ["passkey", "multikey", "vartrack", "fewshot"],
+        lengths=[length],
+        depths=[0.5],
+        per_cell=2,
+        seed=0,
     ):
         # Off by at most one filler sentence (under 100 bytes).
         assert abs(len(prompt_ids(example, tokenizer)) - length) < 100
@@ -182,7 +188,7 @@ def test_question_agnostic_engine_decodes_what_the_adapter_generates(tiny, spec,
         expected = out[0, len(context) + len(question) :].tolist()
         assert engine.greedy_decode(model, pre, [full], 6, question=question)[0] == expected
         return
-    selections, expected = generate_with_adapter(
+    selections, _, expected = generate_with_adapter(
         model, input_ids, method.policy(tokenizer), budget, 6, stop_ids, question=question
     )
     ours = engine.select_layers(pre, method.policy(tokenizer), [budget])[0]
@@ -328,12 +334,30 @@ def test_both_settings_run_and_report_side_by_side(tmp_path, monkeypatch, one_th
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "settings"
     args = cli_args(out, "--settings", "question-aware", "question-agnostic", "--no-fidelity")
-    args.methods = ["fullkv", f"chunkkv:window={WINDOW},chunk_size={CHUNK}"]
+    dynamic = f"chunkkv:window={WINDOW},chunk_size={CHUNK},mode=dynamic"
+    args.methods = ["fullkv", f"chunkkv:window={WINDOW},chunk_size={CHUNK}", dynamic]
     assert cli.run(args) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["setting"] for r in records} == {"question-aware", "question-agnostic"}
-    assert len(records) == 2 * 3 * (1 + 2)  # settings x prompts x (fullkv + 2 ratios)
+    assert len(records) == 2 * 3 * (1 + 2 * 2)  # settings x prompts x (fullkv + 2 x 2 ratios)
+    for record in records:
+        if record["method"] == dynamic:  # what a step reads: at most the budget per layer
+            assert all(n <= record["budget"] for n in record["kept_tokens"])
     report = (out / "report.md").read_text()
     assert "## Accuracy, question-aware" in report and "## Accuracy, question-agnostic" in report
     cli.run(args)  # resuming adds nothing
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_bootstrap_intervals_are_reproducible_and_paired():
+    from triton_chunkkv.eval import stats
+
+    correct = {f"p{i}": i % 4 != 0 for i in range(40)}  # 75 %
+    low, high = stats.accuracy_interval(correct)
+    assert low < 0.75 < high and stats.accuracy_interval(correct) == (low, high)
+    full = {p: True for p in correct}
+    ratio, (r_low, r_high) = stats.ratio_interval(correct, full)
+    assert ratio == 0.75 and (r_low, r_high) == (low, high)  # paired: the same resamples
+    diff, (d_low, d_high) = stats.difference_interval(full, correct)
+    assert diff == 0.25 and d_low > 0  # the full cache is better on these prompts
+    assert stats.accuracy_interval({}) is None

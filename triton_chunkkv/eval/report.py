@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
+from . import stats
 from .runner import RESULTS_FILE, RUN_FILE, read_results
 from .tasks import SETTINGS
 
@@ -21,6 +22,15 @@ SETTING_NOTES = {
     "question-agnostic": "Question-agnostic: the context alone is compressed, the question is "
     "read afterwards over the compressed cache (kvpress's pipeline).",
 }
+
+
+# A task counts toward the goals when the full cache answers at least this share of it.
+COUNT_THRESHOLD = 0.5
+BASELINES = ("streamingllm", "h2o", "snapkv", "pyramidkv")
+# The goals (issue 18): this share of the full cache's accuracy, at this budget per setting
+# (question-aware: kept; question-agnostic: read per decode step).
+GOAL_SHARE = 0.9
+GOAL_RATIO = {"question-aware": 0.05, "question-agnostic": 0.1}
 
 
 def setting_of(record) -> str:
@@ -52,31 +62,117 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def correct_by_prompt(records, **match) -> dict[str, bool]:
+    """``{example_id: correct}`` of the records matching ``match``."""
+    return {
+        r["example_id"]: r["correct"]
+        for r in records
+        if all(r.get(k) == v for k, v in match.items())
+    }
+
+
+def method_ratio(method, ratio):
+    return None if method == "fullkv" else ratio
+
+
+def cell(correct: dict[str, bool]) -> str:
+    """``accuracy % [low, high]`` over prompts, with the bootstrap interval."""
+    if not correct:
+        return "–"
+    value = stats.accuracy(correct, list(correct))
+    low, high = stats.accuracy_interval(correct)
+    return f"{100 * value:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def counted_tasks(records, tasks) -> tuple[list, list]:
+    """``(counted, flagged)``: a task counts when the full cache answers at least
+    ``COUNT_THRESHOLD`` of its prompts; below that, compression is measured against noise."""
+    counted, flagged = [], []
+    for task in tasks:
+        full = correct_by_prompt(records, task=task, method="fullkv")
+        share = stats.accuracy(full, list(full)) if full else None
+        (counted if share is not None and share >= COUNT_THRESHOLD else flagged).append(task)
+    return counted, flagged
+
+
 def accuracy_tables(records, methods, ratios, tasks) -> str:
-    """Per task: methods x ratios, exact-match accuracy in % (FullKV in every column)."""
+    """Per task, then over the counted tasks: methods x ratios, exact match in % with its 95 %
+    bootstrap interval over prompts (FullKV in every column)."""
+    counted, flagged = counted_tasks(records, tasks)
     out = []
-    for task in [*tasks, None]:
-        subset = [r for r in records if task is None or r["task"] == task]
-        prompts = len({r["example_id"] for r in subset})
-        title = (
-            f"### {task} ({prompts} prompts)"
-            if task
-            else f"### All tasks ({prompts} prompts, mean over prompts)"
+    if flagged:
+        out.append(
+            "Flagged, not counted (the full cache answers fewer than "
+            f"{100 * COUNT_THRESHOLD:.0f} % of their prompts): "
+            + ", ".join(f"`{t}`" for t in flagged)
+            + "."
         )
+    for task in [*tasks, None]:
+        subset = [r for r in records if (r["task"] == task if task else r["task"] in counted)]
+        prompts = len({r["example_id"] for r in subset})
+        if task is None:
+            title = f"### Counted tasks ({prompts} prompts)"
+        else:
+            title = f"### {task} ({prompts} prompts){' — flagged' if task in flagged else ''}"
         rows = [
             [f"`{m}`"]
-            + [
-                percent(accuracy(subset, method=m, ratio=None if m == "fullkv" else r))
-                for r in ratios
-            ]
+            + [cell(correct_by_prompt(subset, method=m, ratio=method_ratio(m, r))) for r in ratios]
             for m in methods
         ]
-        out.append(
-            title
-            + "\n\n"
-            + markdown_table(["method"] + [f"{ratio_label(r)} of the cache" for r in ratios], rows)
-        )
+        header = ["method"] + [f"{ratio_label(r)} of the cache" for r in ratios]
+        out.append(title + "\n\n" + markdown_table(header, rows))
     return "\n\n".join(out)
+
+
+def goal_table(records, methods, ratios, tasks, setting) -> str:
+    """The fidelity goals over the counted tasks, for every method that is neither FullKV nor
+    a baseline: its accuracy relative to the full cache at the goal's budget, and its paired
+    difference to the best baseline at every ratio (95 % bootstrap intervals)."""
+    counted, _ = counted_tasks(records, tasks)
+    subset = [r for r in records if r["task"] in counted]
+    ours = [m for m in methods if m != "fullkv" and m.partition(":")[0] not in BASELINES]
+    baselines = [m for m in methods if m.partition(":")[0] in BASELINES]
+    full = correct_by_prompt(subset, method="fullkv")
+    goal_ratio = GOAL_RATIO[setting]
+    rows = []
+    for m in ours:
+        row = [f"`{m}`"]
+        correct = correct_by_prompt(subset, method=m, ratio=goal_ratio)
+        value, interval = stats.ratio_interval(correct, full) if correct else (None, None)
+        row.append(
+            "–"
+            if value is None
+            else f"{100 * value:.0f} % [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+            + (" met" if value >= GOAL_SHARE else f" missed by {100 * (GOAL_SHARE - value):.0f}")
+        )
+        for r in ratios:
+            ours_r = correct_by_prompt(subset, method=m, ratio=r)
+            scored = [
+                (stats.accuracy(c, list(c)), b)
+                for b in baselines
+                if (c := correct_by_prompt(subset, method=b, ratio=r))
+            ]
+            if not ours_r or not scored:
+                row.append("–")
+                continue
+            best = max(scored)[1]
+            diff, interval = stats.difference_interval(
+                ours_r, correct_by_prompt(subset, method=best, ratio=r)
+            )
+            row.append(
+                f"{100 * diff:+.0f} [{100 * interval[0]:+.0f}, {100 * interval[1]:+.0f}] "
+                f"vs `{best}`"
+            )
+        rows.append(row)
+    if not rows:
+        return ""
+    header = [
+        "method",
+        f"share of full-cache accuracy at {ratio_label(goal_ratio)} "
+        f"(goal {100 * GOAL_SHARE:.0f} %)",
+        *[f"vs best baseline at {ratio_label(r)}" for r in ratios],
+    ]
+    return markdown_table(header, rows)
 
 
 def passkey_length_table(records, methods, ratios) -> str:
@@ -147,11 +243,11 @@ def method_colors(methods) -> dict:
     return {m: plt.cm.tab20(order[i % 20]) for i, m in enumerate(methods)}
 
 
-def plot_accuracy(records, methods, ratios, tasks, path: Path) -> None:
+def plot_accuracy(records, methods, ratios, tasks, path: Path, title: str) -> None:
+    """Accuracy against the budget, one panel per task, 95 % intervals as error bars."""
     import matplotlib.pyplot as plt
 
     colors = method_colors(methods)
-
     fig, axes = plt.subplots(
         1, len(tasks), figsize=(4.2 * len(tasks) + 2.5, 3.8), squeeze=False, layout="constrained"
     )
@@ -159,29 +255,29 @@ def plot_accuracy(records, methods, ratios, tasks, path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         subset = [r for r in records if r["task"] == task]
         for m in methods:
-            if m == "fullkv":
-                ax.axhline(
-                    100 * mean(accuracy(subset, method=m) or [0]),
-                    color="black",
-                    linestyle="--",
-                    label="fullkv",
-                )
+            cells = [correct_by_prompt(subset, method=m, ratio=method_ratio(m, r)) for r in ratios]
+            if not any(cells):
                 continue
-            ax.plot(
-                x,
-                [100 * mean(accuracy(subset, method=m, ratio=r) or [0]) for r in ratios],
-                marker="o",
-                label=m,
-                color=colors[m],
-            )
+            values = [100 * (stats.accuracy(c, list(c)) or 0) for c in cells]
+            intervals = [stats.accuracy_interval(c) or (0, 0) for c in cells]
+            errors = [
+                [v - 100 * low for v, (low, _) in zip(values, intervals)],
+                [100 * high - v for v, (_, high) in zip(values, intervals)],
+            ]
+            if m == "fullkv":
+                ax.axhline(values[0], color="black", linestyle="--", label="fullkv")
+                ax.axhspan(values[0] - errors[0][0], values[0] + errors[1][0], color="0.9")
+                continue
+            ax.errorbar(x, values, yerr=errors, marker="o", capsize=2, label=m, color=colors[m])
         ax.set(
             title=task,
-            xlabel="KV cache kept (%)",
+            xlabel="KV cache kept or read (%)",
             ylabel="exact match (%)",
             xticks=x,
             ylim=(-5, 105),
         )
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right center", fontsize=7)
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -277,16 +373,22 @@ def write_report(results_dir: Path) -> Path:
     ratios = sorted({r["ratio"] for r in records if r["ratio"] is not None})
     tasks = ordered([r["task"] for r in records], info.get("tasks", ()))
 
+    settings = ordered([setting_of(r) for r in records], SETTINGS)
+    aware = [r for r in records if setting_of(r) == SETTINGS[0]]  # heatmaps and fidelity
     plots = []
-    plot_accuracy(records, methods, ratios, tasks, results_dir / "accuracy_vs_budget.png")
-    plots.append(("Accuracy against the budget", "accuracy_vs_budget.png"))
+    for setting in settings:
+        name = "accuracy_vs_budget.png" if setting == SETTINGS[0] else f"accuracy_{setting}.png"
+        subset = [r for r in records if setting_of(r) == setting]
+        title = f"Accuracy against the budget, {setting}"
+        plot_accuracy(subset, methods, ratios, tasks, results_dir / name, title)
+        plots.append((title, name))
     for ratio in ratios:
         name = f"passkey_heatmap_{round(100 * ratio)}.png"
-        if plot_passkey_heatmaps(records, methods, ratio, results_dir / name):
+        if plot_passkey_heatmaps(aware, methods, ratio, results_dir / name):
             plots.append((f"Pass-key accuracy by length and depth, {ratio_label(ratio)}", name))
     for ratio in ratios:
         name = f"fidelity_layers_{round(100 * ratio)}.png"
-        if plot_fidelity(records, [m for m in methods if m != "fullkv"], ratio, results_dir / name):
+        if plot_fidelity(aware, [m for m in methods if m != "fullkv"], ratio, results_dir / name):
             plots.append((f"Per-layer fidelity, {ratio_label(ratio)}", name))
 
     seconds = sum({r["example_id"]: r["prompt_seconds"] for r in records}.values())
@@ -298,16 +400,36 @@ def write_report(results_dir: Path) -> Path:
         f"- command: `{info.get('command')}`",
         f"- seed {info.get('seed')}; {len({r['example_id'] for r in records})} prompts; "
         f"{len(records)} results; {seconds / 60:.1f} min of compute (model loading not counted)",
-        "- exact match in %: the first number (pass key) or the first city named (multidoc) "
-        "in the greedy answer must equal the expected one; `fullkv` keeps the whole cache",
+        "- exact match in %: the first number (pass key, variable) or the first candidate named "
+        "(city, label) in the greedy answer must equal the expected one; `fullkv` keeps the "
+        "whole cache; [low, high] is the 95 % bootstrap interval over prompts",
     ]
-    settings = ordered([setting_of(r) for r in records], SETTINGS)
     sections = []
+    goals = [
+        (
+            setting,
+            goal_table(
+                [r for r in records if setting_of(r) == setting], methods, ratios, tasks, setting
+            ),
+        )
+        for setting in settings
+    ]
+    if any(table for _, table in goals):
+        sections.append("## Goals")
+        sections.append(
+            f"Over the counted tasks: the share of the full cache's accuracy at the goal's "
+            f"budget (goal {100 * GOAL_SHARE:.0f} %), and the paired difference in points to the "
+            "best baseline at each budget (negative: worse), 95 % bootstrap intervals over "
+            "prompts."
+        )
+        for setting, table in goals:
+            if table:
+                sections += [f"### {setting}", table]
     for setting in settings:
         subset = [r for r in records if setting_of(r) == setting]
         title = "## Accuracy" if len(settings) == 1 else f"## Accuracy, {setting}"
         sections += [title, SETTING_NOTES[setting], accuracy_tables(subset, methods, ratios, tasks)]
-    by_length = passkey_length_table(records, methods, ratios)
+    by_length = passkey_length_table(aware, methods, ratios)
     if by_length:
         sections += [
             "## Pass-key accuracy by context length",
@@ -316,7 +438,7 @@ def write_report(results_dir: Path) -> Path:
             + " of the cache (`fullkv`: one value).",
             by_length,
         ]
-    fidelity = fidelity_table(records, methods, ratios)
+    fidelity = fidelity_table(aware, methods, ratios)
     if fidelity:
         sections += [
             "## Fidelity to the full cache",

@@ -31,8 +31,10 @@ RESUME_FIELDS = ("model", "seed", "chat", "engine", "dtype")
 
 @dataclass(frozen=True)
 class Method:
-    """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``; the option
-    ``reuse_layers=N`` is the adapters' layer-wise index reuse, not a policy option."""
+    """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``. Two options are
+    the adapters', not the policy's: ``reuse_layers=N`` (layer-wise index reuse) and
+    ``mode=dynamic`` (the chunks re-selected at every decode step; such a method runs through
+    the HF adapter, its budget is what a step reads)."""
 
     name: str
     options: tuple[tuple[str, object], ...] = ()
@@ -47,11 +49,18 @@ class Method:
     def reuse_layers(self) -> int:
         return dict(self.options).get("reuse_layers", 1)
 
+    @property
+    def mode(self) -> str:
+        return dict(self.options).get("mode", "evict")
+
     def policy(self, tokenizer) -> Policy:
-        options = {k: v for k, v in self.options if k != "reuse_layers"}
+        options = {k: v for k, v in self.options if k not in ADAPTER_OPTIONS}
         if "tokenizer" in getattr(POLICIES[self.name], "__dataclass_fields__", {}):
             options["tokenizer"] = tokenizer
         return make_policy(self.name, **options)
+
+
+ADAPTER_OPTIONS = ("reuse_layers", "mode")
 
 
 def parse_value(text: str):
@@ -118,14 +127,23 @@ def check_resume(out_dir: Path, run_info: dict) -> None:
 
 
 def generate_with_adapter(
-    model, input_ids, policy, budget, max_new_tokens, stop_ids, reuse_layers=1, question=()
+    model,
+    input_ids,
+    policy,
+    budget,
+    max_new_tokens,
+    stop_ids,
+    reuse_layers=1,
+    question=(),
+    mode="evict",
 ):
-    """Per-layer selections and tokens of ``chunkkv(model, policy=...)`` + ``generate``; with
+    """``(selections, kept, tokens)`` of ``chunkkv(model, policy=...)`` + ``generate``: the
+    per-layer selections and kept (dynamic: read) lengths, and the new tokens. With
     ``question``, the prompt ``input_ids`` is prefilled (and compressed) first and generation
     starts by reading the question, as ``integrations.pipeline`` does."""
     from ..integrations.hf import cache_kwargs, chunkkv
 
-    options = dict(budget=budget, policy=policy, reuse_layers=reuse_layers)
+    options = dict(budget=budget, policy=policy, reuse_layers=reuse_layers, mode=mode)
     with chunkkv(model, **options) as state, torch.no_grad():
         cache = DynamicCache(config=model.config)
         if question:
@@ -141,7 +159,8 @@ def generate_with_adapter(
             pad_token_id=min(stop_ids),
         )
     state.require_prefill()
-    return list(state.selections), out[0, input_ids.shape[1] :].tolist()
+    kept = [rows[0] for rows in state.kept_lengths]
+    return list(state.selections), kept, out[0, input_ids.shape[1] :].tolist()
 
 
 class Run(NamedTuple):
@@ -151,7 +170,8 @@ class Run(NamedTuple):
     ratio: float | None
     budget: int
     selections: list
-    tokens: list | None  # the adapter's tokens (engine="adapter"), else decoded in the batch
+    kept: list  # per layer: prompt tokens kept (dynamic mode: read per step)
+    tokens: list | None  # the adapter's tokens (adapter runs), else decoded in the batch
     select_seconds: float  # the method's selection time over its ratios, shared equally
 
 
@@ -269,8 +289,8 @@ def run_prompt(
         ]
         select_start = time.perf_counter()
         if method.name == "fullkv":
-            chosen = [(keep_all, None)]
-        elif engine == "adapter":
+            chosen = [(keep_all, [T] * pre.num_layers, None)]
+        elif engine == "adapter" or method.mode != "evict":
             chosen = [
                 generate_with_adapter(
                     model,
@@ -281,24 +301,26 @@ def run_prompt(
                     stop_ids,
                     method.reuse_layers,
                     question,
+                    method.mode,
                 )
                 for budget in budgets
             ]
         else:
             chosen = [
-                (selections, None)
+                (selections, [kept_length(s, T) for s in selections], None)
                 for selections in eng.select_layers(
                     pre, method.policy(tokenizer), budgets, method.reuse_layers
                 )
             ]
         seconds = (time.perf_counter() - select_start) / len(ratios)
         runs += [
-            Run(method, ratio, budget, selections, tokens, seconds)
-            for ratio, budget, (selections, tokens) in zip(ratios, budgets, chosen)
+            Run(method, ratio, budget, selections, kept, tokens, seconds)
+            for ratio, budget, (selections, kept, tokens) in zip(ratios, budgets, chosen)
         ]
 
-    # Row 0 is the full cache; fullkv results read it instead of a row of their own.
-    compressed = [run for run in runs if run.method.name != "fullkv"]
+    # Row 0 is the full cache; fullkv results read it instead of a row of their own. Methods
+    # that select at every decode step have no compacted cache: their adapter run decoded.
+    compressed = [run for run in runs if run.method.name != "fullkv" and run.method.mode == "evict"]
     rows = {id(run): row for row, run in enumerate(compressed, start=1)}
     caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections) for run in compressed]
     decoded = in_batches(
@@ -334,7 +356,7 @@ def run_prompt(
             "method": run.method.label,
             "ratio": run.ratio,
             "budget": run.budget,
-            "kept_tokens": [kept_length(s, T) for s in run.selections],
+            "kept_tokens": run.kept,
             "answer": example.answer,
             "prediction": text,
             "extracted": extracted,
@@ -342,7 +364,7 @@ def run_prompt(
             "select_seconds": round(run.select_seconds, 3),
             "prompt_seconds": prompt_seconds,
         }
-        if traces is not None and run.method.name != "fullkv":
+        if traces is not None and id(run) in rows:
             record.update(layer_fidelity(traces[0], traces[row], run.selections, T))
             record["adjacent_jaccard"] = adjacent_jaccard(run.selections, T)
         records.append(record)

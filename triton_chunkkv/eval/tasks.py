@@ -11,6 +11,12 @@ downloaded.
 (The default model, SmolLM2-135M, answers most prompts right with the full cache at these
 sizes; with four keys or six documents it mostly fails even then, and compression would be
 measured against noise.)
+* ``vartrack``: variable tracking (RULER's, two hops): ``VAR XQT = 48213.`` early, ``VAR MBA =
+  VAR XQT.`` later, a distractor chain with another value between; the question asks for the
+  second variable's value, so both statements (and the link between them) must survive.
+* ``fewshot``: in-context classification with arbitrary labels: items of two categories
+  (animals, fruits, tools, ...) labelled with two random words, the exemplars spread through
+  filler; the question gives a new item, which only the exemplars' mapping can label.
 * ``arithmetic`` (optional): 8 chain-of-thought exemplars in the style of the paper's GSM8K
   prompt, then a new problem; generated numbers, scored on "The answer is N".
 
@@ -30,7 +36,7 @@ from dataclasses import dataclass, field
 
 from ..integrations import pipeline
 
-TASKS = ("passkey", "multikey", "multidoc", "arithmetic")
+TASKS = ("passkey", "multikey", "multidoc", "vartrack", "fewshot", "arithmetic")
 # Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
 # alone is compressed, the question read afterwards (kvpress's pipeline, integrations.pipeline).
 SETTINGS = ("question-aware", "question-agnostic")
@@ -334,6 +340,87 @@ def multidoc(
     )
 
 
+def variable_name(rng) -> str:
+    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
+
+
+def vartrack(tokenizer, *, length: int, index: int, seed: int, overhead: int) -> Example:
+    rng = example_rng(seed, "vartrack", length, index)
+    first, second, other, other_copy = (variable_name(rng) for _ in range(4))
+    value, distractor = (str(v) for v in rng.sample(range(10000, 100000), 2))
+    depths = sorted(rng.random() for _ in range(4))
+    needles = [
+        (depths[0], f"VAR {first} = {value}."),
+        (depths[1], f"VAR {other} = {distractor}."),
+        (depths[2], f"VAR {second} = VAR {first}."),
+        (depths[3], f"VAR {other_copy} = VAR {other}."),
+    ]
+    intro = "Memorize the values of the variables assigned in the text below."
+    text = intro + " " + " ".join(n for _, n in needles)
+    budget = length - overhead - count_tokens(tokenizer, text)
+    sentences = insert_at_depths(haystack(rng, tokenizer, budget), needles)
+    return Example(
+        task="vartrack",
+        example_id=f"vartrack-{length}-{index}",
+        context=intro + "\n\n" + join_sentences(sentences),
+        question=f"What is the value of VAR {second}? Answer with the number only.",
+        answer_prefix=f"The value of VAR {second} is",
+        answer=value,
+        scoring="first_number",
+        length=length,
+        depth=round(depths[0], 3),
+        seed=seed,
+        max_new_tokens=8,
+    )
+
+
+CATEGORIES = {
+    "animal": ("lion", "horse", "rabbit", "tiger", "sheep", "wolf", "camel", "mouse", "goat"),
+    "fruit": ("apple", "banana", "cherry", "mango", "peach", "lemon", "grape", "melon", "plum"),
+    "tool": ("hammer", "saw", "drill", "wrench", "chisel", "shovel", "rake", "axe", "pliers"),
+    "colour": ("red", "green", "purple", "orange", "brown", "pink", "grey", "violet", "navy"),
+    "vehicle": ("car", "bus", "truck", "bicycle", "train", "tram", "scooter", "van", "boat"),
+}
+LABELS = ("zorp", "blick", "mavo", "tresh", "quill", "dax", "fep", "wug", "lorn", "kiv")
+
+
+def fewshot(
+    tokenizer, *, length: int, index: int, seed: int, overhead: int, shots: int = 10
+) -> Example:
+    rng = example_rng(seed, "fewshot", length, index)
+    categories = rng.sample(sorted(CATEGORIES), 2)
+    labels = rng.sample(LABELS, 2)
+    pools = [list(CATEGORIES[c]) for c in categories]
+    for pool in pools:
+        rng.shuffle(pool)
+    asked = rng.randrange(2)
+    item = pools[asked].pop()
+    exemplars = []
+    for shot in range(shots):
+        kind = shot % 2
+        exemplars.append(f"Item: {pools[kind][shot // 2]}. Label: {labels[kind]}.")
+    rng.shuffle(exemplars)
+    intro = "Each item below is given a label. Learn which label goes with which kind of item."
+    text = intro + " " + " ".join(exemplars)
+    budget = length - overhead - count_tokens(tokenizer, text)
+    depths = sorted(rng.random() for _ in exemplars)
+    sentences = insert_at_depths(haystack(rng, tokenizer, budget), list(zip(depths, exemplars)))
+    return Example(
+        task="fewshot",
+        example_id=f"fewshot-{length}-{index}",
+        context=intro + "\n\n" + join_sentences(sentences),
+        question=f"Which label goes with this item? Item: {item}.",
+        answer_prefix=f"The item {item} gets the label",
+        answer=labels[asked],
+        scoring="candidate",
+        length=length,
+        depth=None,
+        seed=seed,
+        max_new_tokens=6,
+        candidates=tuple(labels),
+    )
+
+
 def arithmetic_problem(rng) -> tuple[str, str, int]:
     """A two-step word problem: ``(question, chain-of-thought answer, result)``."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -424,7 +511,13 @@ def _segments(example: Example, tokenizer, chat: bool) -> tuple[str, str]:
     )
 
 
-GENERATORS = {"passkey": passkey, "multikey": multikey, "multidoc": multidoc}
+GENERATORS = {
+    "passkey": passkey,
+    "multikey": multikey,
+    "multidoc": multidoc,
+    "vartrack": vartrack,
+    "fewshot": fewshot,
+}
 
 
 def build_examples(
