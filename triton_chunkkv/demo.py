@@ -14,6 +14,7 @@ import torch
 
 from . import arguments
 from .arguments import UsageError
+from .cache import MODES
 from .models import max_positions
 
 
@@ -56,10 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=("evict", "sparse"),
+        choices=MODES,
         default="evict",
         help="evict: keep only the selected KV; sparse: keep all, decode over the "
-        "selection (default: evict)",
+        "selection; dynamic: keep all, every decode step reads the chunks its own query "
+        "scores highest (default: evict)",
     )
     parser.add_argument(
         "--prompt-file",
