@@ -311,16 +311,21 @@ def causal_mask(q_len: int, kv_len: int, key_valid=None, *, device=None, sdpa=Tr
 
 def dense_attention(query, key, value, scaling, mask=None):
     """Softmax attention ``[B, Hq, q, D]`` with GQA (``Hq = g * Hkv``), causal as in
-    :func:`causal_mask` when ``mask`` is ``None`` and ``q > 1``."""
-    group = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if mask is None and q_len not in (1, kv_len):
-        mask = causal_mask(q_len, kv_len, device=query.device)
-    is_causal = mask is None and q_len > 1
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling
-    )
+    :func:`causal_mask` when ``mask`` is ``None`` and ``q > 1``.
+
+    The ``g`` query heads of a KV head are stacked along the query axis (``[B, Hkv, g * q, D]``)
+    rather than the keys repeated ``g`` times: decode reads each cached key once instead of
+    copying the whole cache ``g`` times per layer and step."""
+    B, Hq, q_len, D = query.shape
+    Hkv, kv_len = key.shape[1], key.shape[2]
+    group = Hq // Hkv
+    if mask is None and q_len > 1:  # stacked queries: SDPA's causal flag would be wrong
+        mask = causal_mask(q_len, kv_len, device=query.device, sdpa=False)
+    if mask is not None:  # [B or 1, 1, q, kv] -> [B or 1, 1, g * q, kv], as the queries
+        mask = mask.repeat(1, 1, group, 1)
+    stacked = query.reshape(B, Hkv, group * q_len, D)
+    out = F.scaled_dot_product_attention(stacked, key, value, attn_mask=mask, scale=scaling)
+    return out.view(B, Hq, q_len, D)
 
 
 def sparse_attention(query, key, value, index, *, key_start, scaling, validate):

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .. import cache as core
-from ..integrations.hf import cache_kwargs
+from ..integrations.hf import GrowingLayer, cache_kwargs
 from ..ops import reference
 from ..policies import Policy, Selection, group_leader, select_prompt
 
@@ -100,7 +99,7 @@ def eval_attention(
         recorder.probs[layer], recorder.outputs[layer] = probs, out
         recorder.keys[layer], recorder.values[layer] = key[:, :, -q_len:], value[:, :, -q_len:]
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling)
+    return core.dense_attention(query, key, value, scaling, mask).transpose(1, 2), None
 
 
 AttentionInterface.register(ATTENTION_NAME, eval_attention)
@@ -215,6 +214,13 @@ def stack_caches(caches) -> tuple[list, dict]:
     return layers, key_start
 
 
+def growing_cache(layers) -> DynamicCache:
+    """A cache over per-layer ``(keys, values)`` whose appends do not copy the whole cache."""
+    cache = DynamicCache(ddp_cache_data=layers)
+    cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
+    return cache
+
+
 def until_stop(tokens: list[int], stop_ids) -> list[int]:
     """``tokens`` up to and including the first stop token."""
     for i, token in enumerate(tokens):
@@ -235,7 +241,7 @@ def greedy_decode(
     compressed context and causally to the question) and its first token follows from there.
     """
     layers, key_start = stack_caches(caches)
-    cache = DynamicCache(ddp_cache_data=layers)
+    cache = growing_cache(layers)
     device = pre.input_ids.device
     start = pre.seq_len
     with recording(model, Recorder(key_start=key_start)):
@@ -287,7 +293,7 @@ def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
     ``caches``, as one batch; one :class:`Trace` per cache, padding removed."""
     device = pre.input_ids.device
     layers, key_start = stack_caches(caches)
-    cache = DynamicCache(ddp_cache_data=layers)
+    cache = growing_cache(layers)
     n = len(continuation)
     tokens = torch.tensor([continuation] * len(caches), device=device)
     positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)

@@ -116,17 +116,68 @@ class ChunkKVState:
         return entry._replace(chunk_idx=entry.chunk_idx[row : row + 1])
 
 
-class CompressedLayer(DynamicLayer):
-    """A ``DynamicLayer`` after ChunkKV's prefill compression (a
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare room instead of concatenating the whole cache
+    at every step (``DynamicLayer.update`` copies every key and value once per token): the
+    buffers grow by ``GROW_TOKENS`` positions at a time, so an append copies only the new
+    tokens, and the whole cache once per ``GROW_TOKENS`` steps. ``keys``/``values`` are views
+    of the filled part."""
+
+    GROW_TOKENS = 256
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._adopt(keys, values)
+
+    def _adopt(self, keys, values) -> None:
+        """Takes ``keys``/``values`` as the filled part, with no spare room yet."""
+        self._key_buffer, self._value_buffer = keys, values
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        length, new = self.keys.shape[-2], key_states.shape[-2]
+        if length + new > self._key_buffer.shape[-2]:
+            capacity = length + new + self.GROW_TOKENS
+            grown = []
+            for filled in (self.keys, self.values):
+                buffer = filled.new_empty((*filled.shape[:-2], capacity, filled.shape[-1]))
+                buffer[..., :length, :] = filled
+                grown.append(buffer)
+            self._key_buffer, self._value_buffer = grown
+        self._key_buffer[..., length : length + new, :] = key_states
+        self._value_buffer[..., length : length + new, :] = value_states
+        self.keys = self._key_buffer[..., : length + new, :]
+        self.values = self._value_buffer[..., : length + new, :]
+        return self.keys, self.values
+
+    # The row and length edits of DynamicLayer reassign keys/values: adopt the result.
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._adopt(self.keys, self.values)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._adopt(self.keys, self.values)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._adopt(self.keys, self.values)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._adopt(self.keys, self.values)
+
+
+class CompressedLayer(GrowingLayer):
+    """A cache layer after ChunkKV's prefill compression (a
     :class:`~triton_chunkkv.cache.CompressedKV` that transformers can grow): ``keys``/``values``
     are the compacted prompt (evict) or the whole prompt with ``sparse`` saying what decode
     reads, then the generated tokens. :meth:`get_seq_length` is the true sequence length."""
 
     def __init__(self, compressed: core.CompressedKV, *, seq_len: int):
-        super().__init__()
-        self.dtype, self.device = compressed.keys.dtype, compressed.keys.device
-        self.keys, self.values = compressed.keys, compressed.values
-        self.is_initialized = True
+        super().__init__(compressed.keys, compressed.values)
         self.dropped = seq_len - self.keys.shape[-2]
         self.key_start = compressed.key_start
         self.sparse = compressed.sparse
@@ -464,9 +515,7 @@ def _decode(module, layer, query, key, value, scaling, dropout):
     if layer.sparse is None:  # evict: plain attention over the compacted cache
         key_valid = core.valid_keys(layer.key_start, key.shape[2])
         mask = core.causal_mask(query.shape[2], key.shape[2], key_valid, device=query.device)
-        return sdpa_attention_forward(
-            module, query, key, value, mask, dropout=dropout, scaling=scaling
-        )
+        return core.dense_attention(query, key, value, scaling, mask).transpose(1, 2), None
     out = core.sparse_attention(
         query,
         key,
