@@ -39,15 +39,17 @@ class Harness:
         dtype=torch.float16,
         max_requests=8,
         total_kv_heads=None,
+        max_context=MAX_CONTEXT,
+        num_slots=NUM_SLOTS,
     ):
         total_kv_heads = kv_heads if total_kv_heads is None else total_kv_heads
         self.num_layers, self.q_heads, self.kv_heads = num_layers, q_heads, kv_heads
         self.head_dim, self.dtype = head_dim, dtype
         self.req_to_token_pool = ReqToTokenPool(
-            size=max_requests, max_context_len=MAX_CONTEXT, device="cpu", enable_memory_saver=False
+            size=max_requests, max_context_len=max_context, device="cpu", enable_memory_saver=False
         )
         self.kv_pool = MHATokenToKVPool(
-            size=NUM_SLOTS,
+            size=num_slots,
             page_size=1,
             dtype=dtype,
             head_num=kv_heads,
@@ -57,7 +59,7 @@ class Harness:
             enable_memory_saver=False,
         )
         self.allocator = TokenToKVPoolAllocator(
-            NUM_SLOTS, dtype, "cpu", self.kv_pool, need_sort=False
+            num_slots, dtype, "cpu", self.kv_pool, need_sort=False
         )
         self.translator = KVIndexTranslator(
             req_to_token=self.req_to_token_pool.req_to_token,
@@ -95,7 +97,7 @@ class Harness:
                 head_dim=head_dim,
                 v_head_dim=head_dim,
                 swa_v_head_dim=None,
-                context_len=MAX_CONTEXT,
+                context_len=max_context,
                 is_encoder_decoder=False,
                 num_hidden_layers=num_layers,
                 linear_attn_registry_result=None,
@@ -247,12 +249,16 @@ class Harness:
             positions(self.values, False),
         )
 
+    def decode_batch(self):
+        """The next decode step's batch (one new slot per request), run by nobody yet."""
+        out_cache_loc = self._write_slots([1] * len(self.rows))
+        return self._batch(ForwardMode.DECODE, [1] * len(self.rows), out_cache_loc)
+
     def decode(self, backends):
         """One decode step; every backend in ``backends`` runs on the same batch and cache
         (each writes the same new key and value). Returns each one's ``[B, Hq*D]`` per layer;
         the step's batch, queries, keys and values stay in :attr:`last_decode`."""
-        out_cache_loc = self._write_slots([1] * len(self.rows))
-        batch = self._batch(ForwardMode.DECODE, [1] * len(self.rows), out_cache_loc)
+        batch = self.decode_batch()
         q, k, v = self._random_qkv(len(self.rows))
         outputs = []
         for backend in backends:

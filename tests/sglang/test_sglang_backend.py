@@ -118,9 +118,9 @@ def test_selection_happens_in_the_prefill_pass_that_ends_the_prompt(make_harness
     assert recorded["kept"] == [selected.keys.shape[2]]
 
 
-def test_decode_metadata_has_no_loop_over_rows_and_reads_the_tables(make_harness, monkeypatch):
-    """A decode step's metadata is a few indexing ops on the tables: the batch's rows, in batch
-    order, whatever the batch; a batch without a compressed request runs Triton's decode."""
+def test_decode_metadata_is_the_batch_rows_of_the_tables(make_harness, monkeypatch):
+    """A decode step's metadata is the batch's rows of the tables, in batch order (indexing ops
+    only); a batch without a compressed request runs Triton's decode."""
     harness = make_harness(num_layers=1)
     chunkkv = chunkkv_backend(harness, monkeypatch, budget=40)
     prefill(harness, chunkkv, [103, 37, 61], chunked=False)
@@ -281,3 +281,19 @@ def test_unsupported_configurations_fail_clearly(make_harness, monkeypatch):
     monkeypatch.setenv("CHUNKKV_POLICY", "h2o")
     with pytest.raises(ValueError, match="every prompt query"):
         harness.backend("chunkkv")
+
+
+def test_the_decode_host_time_benchmark_runs(sglang_runtime, monkeypatch):
+    """benchmarks/sglang_decode_host.py on tiny shapes, so that it never rots."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    from benchmarks.sglang_decode_host import build, median_us
+
+    clear_settings(monkeypatch)
+    monkeypatch.setenv("CHUNKKV_RATIO", "0.5")
+    backend, batch = build(batch=2, layers=2, prompt=48)
+    assert backend.stats["requests_compressed"] == 2
+    assert median_us(lambda: backend._prepare_decode(batch), steps=3) > 0
+    backend.init_cuda_graph_state(2, 2)
+    assert median_us(lambda: backend.init_forward_metadata_out_graph(batch), steps=3) > 0

@@ -47,6 +47,16 @@ def activate(backend) -> None:
     _backend = backend
     install()
     HookRegistry.apply_hooks()
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    # Without these two, selection would silently fall back to keeping every prompt whole.
+    for target in (Req._compute_max_prefix_len, ForwardBatch.init_new):
+        if getattr(target, "__wrapped__", None) is None:
+            raise RuntimeError(
+                f"SGLang's HookRegistry did not apply the chunkkv hook on {target.__qualname__} "
+                "(see its log): the chunkkv attention backend cannot run without it"
+            )
 
 
 def install() -> None:
