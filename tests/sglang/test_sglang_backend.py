@@ -5,70 +5,20 @@ interpreter. Prompts have different, odd lengths, some prefilled in two chunks, 
 slots are shuffled, so positions and slots never coincide.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from chunkkv_checks import (
+    CHUNK,
+    WINDOW,
+    chunkkv_backend,
+    clear_settings,
+    expected_decode,
+    prefill,
+)
 
 from triton_chunkkv.ops import reference
-
-CHUNK, WINDOW = 4, 8
-
-
-def chunkkv_backend(harness, monkeypatch, **options):
-    """The backend as a server creates it: settings from CHUNKKV_* variables."""
-    for name in ("BUDGET", "RATIO", "CHUNK_SIZE", "WINDOW", "REUSE_LAYERS", "SHARE_HEADS"):
-        monkeypatch.delenv(f"CHUNKKV_{name}", raising=False)
-    monkeypatch.delenv("CHUNKKV_CONFIG", raising=False)
-    for name, value in options.items():
-        monkeypatch.setenv(f"CHUNKKV_{name.upper()}", str(value))
-    monkeypatch.setenv("CHUNKKV_CHUNK_SIZE", str(CHUNK))
-    monkeypatch.setenv("CHUNKKV_WINDOW", str(WINDOW))
-    return harness.backend("chunkkv")
-
-
-def expected_decode(
-    harness, request, layer, *, budget=None, ratio=None, share_heads=False, leader=None
-):
-    """SPEC: select on the prompt (layer ``leader``'s queries and keys, default ``layer``),
-    then exact attention of the last query over the retained set of ``layer``'s cache."""
-    leader = layer if leader is None else leader
-    prompt_len = harness.prompt_lens[request]
-    q_obs = harness.seen(harness.queries, leader, request)[:, prompt_len - WINDOW : prompt_len]
-    keys = harness.seen(harness.keys, leader, request)[:, :prompt_len]
-    selected = reference.compress(
-        q_obs[None],
-        keys[None],
-        keys[None],
-        budget=budget,
-        ratio=ratio,
-        chunk_size=CHUNK,
-        window=WINDOW,
-        share_heads=share_heads,
-    )
-    k_cache = harness.seen(harness.keys, layer, request)[None]
-    v_cache = harness.seen(harness.values, layer, request)[None]
-    query = harness.seen(harness.queries, layer, request)[:, -1][None]
-    out = reference.sparse_decode(
-        query,
-        k_cache,
-        v_cache,
-        selected.chunk_idx,
-        CHUNK,
-        selected.tail_start,
-        torch.tensor([k_cache.shape[2]]),
-    )
-    return out.reshape(-1), selected
-
-
-def prefill(harness, backend, lens, chunked):
-    """Whole prompts, or each prompt in two extend passes (the second one shorter than the
-    window for some requests, so the window spans both passes)."""
-    harness.add_requests(lens)
-    if chunked:
-        first = [n - min(n // 2, 5 + 7 * i) for i, n in enumerate(lens)]
-        harness.extend(backend, first)
-        harness.extend(backend, [n - m for n, m in zip(lens, first)])
-    else:
-        harness.extend(backend, lens)
 
 
 def test_plugin_registers_the_backend_name(sglang_runtime):
@@ -104,7 +54,7 @@ def test_budget_covering_every_prompt_decodes_exactly_like_triton(make_harness, 
         for layer in range(harness.num_layers):
             assert not ours[layer].isnan().any()
             assert torch.equal(ours[layer], theirs[layer])
-    assert all(state.selections is None for state in chunkkv.requests.values())
+    assert not any(state.compressed for state in chunkkv.requests.values())
 
 
 @pytest.mark.parametrize(
@@ -131,7 +81,7 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
                 expected, selected = expected_decode(harness, request, layer, **mode)
                 state = chunkkv.requests[row]
                 if selected.keys.shape[2] == lens[request]:
-                    assert state.selections is None  # identity: decode stays dense
+                    assert not state.compressed  # identity: decode stays dense
                     # SGLang's decode kernel runs tl.dot on bf16 operands, which the Triton
                     # interpreter gets wrong: compare with it in float16 only.
                     if dtype == torch.float16:
@@ -144,6 +94,52 @@ def test_decode_attends_to_the_spec_retained_set(make_harness, monkeypatch, dtyp
                 torch.testing.assert_close(ours[layer][request], expected, **tolerance)
 
 
+def test_selection_happens_in_the_prefill_pass_that_ends_the_prompt(make_harness, monkeypatch):
+    """Chunked prefill: nothing is selected before the last chunk; the decode tables hold the
+    selection as soon as that chunk's forward is done."""
+    harness = make_harness(num_layers=1)
+    chunkkv = chunkkv_backend(harness, monkeypatch, ratio=0.25, record_selections=4)
+    harness.add_requests([90])
+    row = harness.rows[0]
+    harness.extend(chunkkv, [50])
+    assert not chunkkv.requests[row].done and not chunkkv.requests[row].compressed
+    harness.extend(chunkkv, [40])
+    _, selected = expected_decode(harness, 0, 0, ratio=0.25)
+    state = chunkkv.requests[row]
+    assert state.done and not state.window_queries
+    n = selected.chunk_idx.shape[2]
+    assert torch.equal(chunkkv.table.chunk_idx[0, row, :, :n], selected.chunk_idx[0])
+    assert int(chunkkv.table.counts[0, row]) == n
+    assert int(chunkkv.table.tails[0, row]) == selected.tail_start
+    report = chunkkv.report()
+    assert report["requests_compressed"] == 1 and report["prompt_tokens"] == 90
+    recorded = report["selections"][harness.rids[0]]
+    assert recorded["chunk_idx"] == [selected.chunk_idx[0].tolist()]
+    assert recorded["kept"] == [selected.keys.shape[2]]
+
+
+def test_decode_metadata_is_the_batch_rows_of_the_tables(make_harness, monkeypatch):
+    """A decode step's metadata is the batch's rows of the tables, in batch order (indexing ops
+    only); a batch without a compressed request runs Triton's decode."""
+    harness = make_harness(num_layers=1)
+    chunkkv = chunkkv_backend(harness, monkeypatch, budget=40)
+    prefill(harness, chunkkv, [103, 37, 61], chunked=False)
+    harness.decode([chunkkv])
+    batch = harness.last_decode[0]
+    sparse = chunkkv._sparse_batch
+    rows = batch.req_pool_indices
+    assert torch.equal(sparse.index.counts, chunkkv.table.counts[:, rows])
+    assert torch.equal(sparse.index.tails, chunkkv.table.tails[:, rows])
+    assert torch.equal(
+        sparse.slot_map, harness.req_to_token_pool.req_to_token[rows, : max(harness.lens)]
+    )
+    assert sparse.index.counts[0, 1] == 0 and sparse.index.tails[0, 1] == 0  # the dense one
+
+    dense_only = SimpleNamespace(**vars(batch))
+    dense_only.rids = [harness.rids[1]]
+    assert chunkkv._prepare_decode(dense_only) is None
+
+
 def test_one_token_set_per_request_returns_dropped_slots(make_harness, monkeypatch):
     harness = make_harness()
     chunkkv = chunkkv_backend(
@@ -151,9 +147,9 @@ def test_one_token_set_per_request_returns_dropped_slots(make_harness, monkeypat
     )
     assert chunkkv.frees_slots
     lens = [61, 45, 23]  # the last one fits the budget: nothing to free
-    prefill(harness, chunkkv, lens, chunked=False)
     free_before = harness.allocator.available_size()
-    (ours,) = harness.decode([chunkkv])  # selects (and frees), then decodes one token each
+    prefill(harness, chunkkv, lens, chunked=False)  # selects and frees at its last layer
+    (ours,) = harness.decode([chunkkv])
 
     kept = []
     for request, row in enumerate(harness.rows):
@@ -169,46 +165,41 @@ def test_one_token_set_per_request_returns_dropped_slots(make_harness, monkeypat
         prompt_row = harness.req_to_token_pool.req_to_token[row, : lens[request]]
         assert int((prompt_row == 0).sum()) == state.freed_slots
     assert kept[2] == lens[2]
-    # The decode step took one slot per request; selection gave the dropped ones back.
+    # The prompts and the decode step took their slots; selection gave the dropped ones back.
     freed = sum(n - m for n, m in zip(lens, kept))
-    assert harness.allocator.available_size() == free_before - len(lens) + freed
+    assert harness.allocator.available_size() == free_before - sum(lens) - len(lens) + freed
 
     # Finishing: SGLang frees the whole row (dropped positions name slot 0), then the row.
-    for request, row in enumerate(harness.rows):
-        length = harness.lens[request]
-        harness.allocator.free(harness.req_to_token_pool.req_to_token[row, :length].long())
-        harness.req_to_token_pool.free_rows([row])
-        assert row not in chunkkv.requests
+    for request in range(len(lens)):
+        harness.release(request)
     free_pages = harness.allocator.free_pages
     assert harness.allocator.available_size() == harness.allocator.size
     assert 0 not in free_pages.tolist() and free_pages.unique().numel() == free_pages.numel()
 
 
-def test_finishing_a_request_clears_its_entry(make_harness, monkeypatch):
-    harness = make_harness(num_layers=1)
-    chunkkv = chunkkv_backend(harness, monkeypatch, ratio=0.5)
-    prefill(harness, chunkkv, [29, 33], chunked=False)
-    harness.decode([chunkkv])
-    finished, running = harness.rows
-    assert chunkkv.requests[finished].selections is not None
-    harness.req_to_token_pool.free_rows([finished])
-    assert finished not in chunkkv.requests and running in chunkkv.requests
-    # The row's next request starts a fresh entry.
-    assert harness.req_to_token_pool.alloc_rows(1) == [finished]
+def tensor_parallel(monkeypatch, *, size, rank, all_reduce):
+    """What get_parallel() answers on one rank of an attention-TP group (set before the
+    backend is built: it fixes its score hook then)."""
+    from triton_chunkkv.integrations.sglang import backend as backend_module
+
+    parallel = SimpleNamespace(
+        pp_size=1,
+        attn_tp_size=size,
+        attn_tp_rank=rank,
+        attn_tp_group=SimpleNamespace(all_reduce=all_reduce),
+    )
+    monkeypatch.setattr(backend_module, "get_parallel", lambda: parallel)
+
+
+def prompt_keys(harness, layer, request, prompt_len):
+    return harness.seen(harness.keys, layer, request)[:, :prompt_len]
 
 
 def test_shared_heads_sum_chunk_scores_across_tensor_parallel_ranks(make_harness, monkeypatch):
     """This rank holds KV head 0 of 2; the other rank's chunk scores come in through the
     all-reduce, which the backend calls once per request and layer group."""
-    from types import SimpleNamespace
-
-    from triton_chunkkv.integrations.sglang import backend as backend_module
-
-    harness = make_harness(num_layers=1, q_heads=2, kv_heads=1)
-    chunkkv = chunkkv_backend(harness, monkeypatch, budget=20, share_heads=1)
-    lens = [57]
-    prefill(harness, chunkkv, lens, chunked=False)
-    prompt_len = lens[0]
+    harness = make_harness(num_layers=1, q_heads=2, kv_heads=1, total_kv_heads=2)
+    prompt_len = 57
     other_q = torch.randn(1, 2, WINDOW, harness.head_dim, dtype=harness.dtype)
     other_k = torch.randn(1, 1, prompt_len, harness.head_dim, dtype=harness.dtype)
     other_scores = reference.chunk_sum(reference.window_scores(other_q, other_k), CHUNK, WINDOW)
@@ -218,16 +209,17 @@ def test_shared_heads_sum_chunk_scores_across_tensor_parallel_ranks(make_harness
         reduced.append(partial.shape)
         return partial + other_scores.sum(dim=1, keepdim=True)
 
-    parallel = SimpleNamespace(attn_tp_size=2, attn_tp_group=SimpleNamespace(all_reduce=all_reduce))
-    monkeypatch.setattr(backend_module, "get_parallel", lambda: parallel)
-    harness.decode([chunkkv])
+    tensor_parallel(monkeypatch, size=2, rank=0, all_reduce=all_reduce)
+    chunkkv = chunkkv_backend(harness, monkeypatch, budget=20, share_heads=1)
+    prefill(harness, chunkkv, [prompt_len], chunked=False)
 
     n_chunks = other_scores.shape[-1]
     assert reduced == [torch.Size([1, 1, n_chunks])]
     own_q = harness.seen(harness.queries, 0, 0)[:, prompt_len - WINDOW : prompt_len]
-    own_k = harness.seen(harness.keys, 0, 0)[:, :prompt_len]
     own_scores = reference.chunk_sum(
-        reference.window_scores(own_q[None], own_k[None]), CHUNK, WINDOW
+        reference.window_scores(own_q[None], prompt_keys(harness, 0, 0, prompt_len)[None]),
+        CHUNK,
+        WINDOW,
     )
     n_keep = reference.num_kept_chunks(prompt_len, 20, CHUNK, WINDOW)
     both_ranks = torch.cat([own_scores, other_scores], dim=1)
@@ -235,11 +227,73 @@ def test_shared_heads_sum_chunk_scores_across_tensor_parallel_ranks(make_harness
     assert torch.equal(chunkkv.requests[harness.rows[0]].selections[0].chunk_idx, expected)
 
 
+def test_replicated_kv_heads_select_alike_on_every_rank(make_harness, monkeypatch):
+    """One KV head with 4 query heads on 2 attention-TP ranks: each rank holds the KV head and
+    2 of its query heads. The copies average their chunk scores, so each selects what SPEC
+    selects from all 4 query heads (the other rank's half comes in through the all-reduce)."""
+    harness = make_harness(num_layers=1, q_heads=2, kv_heads=1, total_kv_heads=1)
+    prompt_len = 61
+    other_q = torch.randn(1, 2, WINDOW, harness.head_dim, dtype=harness.dtype)
+    reduced = []
+
+    def all_reduce(rows):  # [1, total KV heads, n]: the other rank fills row 0 too
+        reduced.append(rows.shape)
+        slots = harness.req_to_token_pool.req_to_token[harness.rows[0], :prompt_len].long()
+        keys = harness.kv_pool.get_key_buffer(0)[slots].transpose(0, 1)[None]  # same KV head
+        other = reference.chunk_sum(reference.window_scores(other_q, keys), CHUNK, WINDOW)
+        return rows + other
+
+    tensor_parallel(monkeypatch, size=2, rank=1, all_reduce=all_reduce)
+    chunkkv = chunkkv_backend(harness, monkeypatch, budget=24)
+    prefill(harness, chunkkv, [prompt_len], chunked=False)
+
+    assert len(reduced) == 1 and reduced[0][:2] == (1, 1)
+    own_q = harness.seen(harness.queries, 0, 0)[:, prompt_len - WINDOW : prompt_len][None]
+    all_queries = torch.cat([own_q, other_q], dim=1)  # [1, 4, w, D]: g = 4 over both ranks
+    keys = prompt_keys(harness, 0, 0, prompt_len)[None]
+    expected = reference.compress(
+        all_queries, keys, keys, budget=24, chunk_size=CHUNK, window=WINDOW
+    ).chunk_idx
+    assert torch.equal(chunkkv.requests[harness.rows[0]].selections[0].chunk_idx, expected)
+
+
+def test_kv_heads_of_their_own_need_no_reduce(make_harness, monkeypatch):
+    def all_reduce(_):
+        raise AssertionError("each rank's KV heads are its own: no all-reduce")
+
+    harness = make_harness(num_layers=1, q_heads=2, kv_heads=1, total_kv_heads=2)
+    tensor_parallel(monkeypatch, size=2, rank=0, all_reduce=all_reduce)
+    chunkkv = chunkkv_backend(harness, monkeypatch, budget=24)
+    prefill(harness, chunkkv, [61], chunked=False)
+    _, selected = expected_decode(harness, 0, 0, budget=24)
+    assert torch.equal(
+        chunkkv.requests[harness.rows[0]].selections[0].chunk_idx, selected.chunk_idx
+    )
+
+
 def test_unsupported_configurations_fail_clearly(make_harness, monkeypatch):
     harness = make_harness(num_layers=1)
-    chunkkv = chunkkv_backend(harness, monkeypatch, ratio=0.2)
-    with pytest.raises(ValueError, match="--disable-cuda-graph"):
-        chunkkv.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
     harness.model_runner.kv_cache_dtype = torch.float8_e4m3fn
     with pytest.raises(ValueError, match="KV cache dtype"):
+        chunkkv_backend(harness, monkeypatch, ratio=0.2)
+    harness.model_runner.kv_cache_dtype = harness.dtype
+    clear_settings(monkeypatch)
+    monkeypatch.setenv("CHUNKKV_POLICY", "h2o")
+    with pytest.raises(ValueError, match="every prompt query"):
         harness.backend("chunkkv")
+
+
+def test_the_decode_host_time_benchmark_runs(sglang_runtime, monkeypatch):
+    """benchmarks/sglang_decode_host.py on tiny shapes, so that it never rots."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    from benchmarks.sglang_decode_host import build, median_us
+
+    clear_settings(monkeypatch)
+    monkeypatch.setenv("CHUNKKV_RATIO", "0.5")
+    backend, batch = build(batch=2, layers=2, prompt=48)
+    assert backend.stats["requests_compressed"] == 2
+    assert median_us(lambda: backend._prepare_decode(batch), steps=3) > 0
+    backend.init_cuda_graph_state(2, 2)
+    assert median_us(lambda: backend.init_forward_metadata_out_graph(batch), steps=3) > 0

@@ -7,18 +7,20 @@ it parses the server arguments, so after ``pip install triton-chunkkv[sglang]``,
 
 from __future__ import annotations
 
-BACKEND_NAME = "chunkkv"
+from . import hooks
+from .hooks import BACKEND_NAME
 
 
 def register() -> None:
     """Adds ``chunkkv`` to SGLang's attention backend registry and ``--attention-backend``
-    choices. Idempotent."""
+    choices, and registers the backend's SGLang hooks (:mod:`.hooks`). Idempotent."""
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(create_backend)
+    hooks.install()
 
 
 def create_backend(model_runner):

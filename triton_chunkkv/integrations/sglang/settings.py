@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ...ops._checks import check_budget, check_int
 from ...policies import ChunkKV, Policy, chunk_policy, make_policy
@@ -27,6 +27,8 @@ class ChunkKVSettings:
     ``policy`` names a registered selection policy (``triton_chunkkv.policies.POLICIES``);
     ``chunk_size``, ``window``, ``share_heads`` and ``pool_kernel`` configure ``chunkkv``, and
     ``policy_options`` (a JSON object, e.g. ``{"sink_tokens": 4}``) any policy's own options.
+    ``record_selections`` keeps the retained sets of that many recent requests for
+    ``get_server_info()`` (0: only counts).
     """
 
     budget: int | None = None
@@ -38,12 +40,14 @@ class ChunkKVSettings:
     pool_kernel: int = 1
     policy: str = "chunkkv"
     policy_options: dict = field(default_factory=dict)
+    record_selections: int = 0
 
     def __post_init__(self):
         if self.budget is None and self.ratio is None:
             object.__setattr__(self, "ratio", DEFAULT_RATIO)
         check_budget(self.budget, self.ratio)
         check_int("reuse_layers", self.reuse_layers, minimum=1)
+        check_int("record_selections", self.record_selections, minimum=0)
         if not isinstance(self.policy_options, dict):
             raise TypeError(f"policy_options must be a JSON object, got {self.policy_options!r}")
         self.make_policy()  # checks every policy option
@@ -58,6 +62,9 @@ class ChunkKVSettings:
         if self.policy == "chunkkv":
             return ChunkKV(**chunk_options, **self.policy_options)
         return chunk_policy(make_policy(self.policy, **self.policy_options), **chunk_options)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
     @classmethod
     def from_env(cls, environ=None) -> ChunkKVSettings:
