@@ -1,7 +1,9 @@
-"""The compressed-cache core: what every adapter and the evaluation engine do with a selection.
+"""The compressed-cache core: what the adapters and the evaluation engine do with a selection.
 
 Plain tensors in and out, no framework types, so that the transformers adapter, the torch
-adapter, the SGLang backend and the evaluation engine share one implementation of:
+adapter and the evaluation engine share one implementation of (the SGLang backend selects
+through the same policy path, and keeps its selections in device tables of its own,
+``integrations/sglang/tables.py``, that its CUDA graphs read):
 
 * selecting on a left-padded batch, each row on its own unpadded prompt (:func:`select_rows`);
 * turning one layer's selection into what decode reads (:func:`compress_layer`): the compacted
