@@ -290,6 +290,20 @@ def test_phrase_chunks_are_kept_whole_by_mean_score():
     assert kept[0, 0].tolist() == [False] * 5 + [True, True, False]
 
 
+def test_phrase_policy_per_layer_budgets_and_sinks():
+    q, k = make_inputs(seq_len=90)
+    pyramid = PhraseChunkKV(tokenizer=CharTokenizer(), window=WINDOW, layer_budgets="pyramid")
+    kept = [
+        kept_length(run(prepared(pyramid, 90), q, k, 30, layer=layer, num_layers=4), 90)
+        for layer in range(4)
+    ]
+    assert kept == pyramid_budgets(30, 4, 90, WINDOW) and kept[0] > kept[-1]
+    sinks = prepared(PhraseChunkKV(tokenizer=CharTokenizer(), window=WINDOW, sink_tokens=2), 90)
+    selection = run(sinks, q, k, 30)
+    assert kept_length(selection, 90) == 30
+    assert selection.chunk_idx[0, :, :2].tolist() == [[0, 1], [0, 1]]  # the first two tokens
+
+
 def test_phrase_policy_needs_the_prompt():
     q, k = make_inputs(seq_len=40)
     policy = PhraseChunkKV(tokenizer=CharTokenizer(), window=WINDOW)

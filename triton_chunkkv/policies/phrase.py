@@ -19,6 +19,7 @@ from .. import ops
 from ..ops import reference
 from ..ops._checks import check_chunking, check_int, check_pool_kernel
 from .base import Policy, Selection
+from .chunkkv import check_layer_budgets, layer_budget
 
 PHRASE_MARKS = ".,;:!?\n"
 
@@ -28,7 +29,9 @@ class PhraseChunkKV(Policy):
     """Variable-length chunks that follow phrase boundaries (needs the prompt's token ids:
     call :meth:`on_prompt` before the prefill; the evaluation engine does).
 
-    ``tokenizer``: anything with ``decode(list[int]) -> str``.
+    ``tokenizer``: anything with ``decode(list[int]) -> str``. ``layer_budgets="pyramid"``
+    spreads the budget over the layers as PyramidKV does; ``sink_tokens`` keeps the first
+    tokens (attention sinks) within the budget, as ``ChunkKV``'s option does.
     """
 
     tokenizer: object = field(default=None, repr=False, compare=False)
@@ -36,6 +39,8 @@ class PhraseChunkKV(Policy):
     max_chunk: int = 20
     pool_kernel: int = 1
     marks: str = PHRASE_MARKS
+    layer_budgets: str = "uniform"
+    sink_tokens: int = 0
     name = "chunkkv_phrase"
     reads_text = True
     _segments: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -50,6 +55,8 @@ class PhraseChunkKV(Policy):
         check_chunking(1, self.window)
         check_int("max_chunk", self.max_chunk, minimum=1)
         check_pool_kernel(self.pool_kernel)
+        check_layer_budgets(self.layer_budgets)
+        check_int("sink_tokens", self.sink_tokens, minimum=0)
 
     def on_prompt(self, input_ids: torch.Tensor) -> None:
         self._segments = self.segment_ids(input_ids)
@@ -92,7 +99,15 @@ class PhraseChunkKV(Policy):
                 "PhraseChunkKV needs the prompt's token ids: call "
                 f"policy.on_prompt(input_ids [{B}, {T}]) before the prefill"
             )
-        n_keeps = [reference.num_kept_chunks(T, budget, 1, self.window) for budget in budgets]
+        n_keeps = [
+            reference.num_kept_chunks(
+                T,
+                layer_budget(self.layer_budgets, budget, layer, num_layers, T, self.window),
+                1,
+                self.window,
+            )
+            for budget in budgets
+        ]
         if all(n_keep is None for n_keep in n_keeps):
             return [None] * len(budgets)
         scores = ops.window_scores(
@@ -102,6 +117,9 @@ class PhraseChunkKV(Policy):
         if reduce_scores is not None:
             token_scores = reduce_scores(token_scores)
         segments = self._segments[:, : T - self.window]
+        if self.sink_tokens:  # the sinks first, whatever the budget leaves for phrases
+            sinks = torch.arange(T - self.window, device=k.device) < self.sink_tokens
+            token_scores = token_scores.masked_fill(sinks, float("inf"))
         selections = []
         for n_keep in n_keeps:
             if n_keep is None:
