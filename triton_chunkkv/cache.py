@@ -186,14 +186,22 @@ def pack_rows(
     return chunk_idx, as_int32(counts), as_int32(tails)
 
 
-def left_pad_stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+def left_pad_stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int = 0):
     """``(keys, values, key_start)``: batch-1 ``(k, v)`` rows of different lengths stacked into
     one batch, each left padded with zeros; ``key_start [B]`` (int64) is each row's first real
-    index, ``None`` when no row is padded."""
+    index, ``None`` when no row is padded. Each row is copied once, into buffers with room for
+    ``spare`` more positions after the stacked ones (``[B, H, width + spare, D]``)."""
     width = max(k.shape[2] for k, _ in rows)
     pads = [width - k.shape[2] for k, _ in rows]
-    keys = torch.cat([F.pad(k, (0, 0, pad, 0)) for (k, _), pad in zip(rows, pads)])
-    values = torch.cat([F.pad(v, (0, 0, pad, 0)) for (_, v), pad in zip(rows, pads)])
+    first_k, first_v = rows[0]
+    B, H, D = len(rows), first_k.shape[1], first_k.shape[3]
+    keys = first_k.new_empty(B, H, width + spare, D)
+    values = first_v.new_empty(B, H, width + spare, D)
+    for row, ((k, v), pad) in enumerate(zip(rows, pads)):
+        keys[row, :, :pad].zero_()
+        values[row, :, :pad].zero_()
+        keys[row, :, pad:width] = k[0]
+        values[row, :, pad:width] = v[0]
     key_start = torch.tensor(pads, device=keys.device) if any(pads) else None
     return keys, values, key_start
 

@@ -201,24 +201,20 @@ def kept_positions(selection: Selection | None, seq_len: int, device) -> torch.T
     )
 
 
-def stack_caches(caches) -> tuple[list, dict]:
+def stack_caches(caches, spare: int = 0) -> tuple[DynamicCache, dict]:
     """Several configurations' caches (each a list of per-layer ``(keys, values)``, batch 1)
-    as one batch: per layer, the rows left padded with zeros to a common length, and
-    ``key_start`` (int64 ``[C]``) for the layers whose rows differ in length."""
+    as one batch cache: per layer, the rows left padded with zeros to a common length, with
+    room for ``spare`` more tokens (appends then copy nothing else), and ``key_start`` (int64
+    ``[C]``) for the layers whose rows differ in length."""
     layers, key_start = [], {}
     for layer, rows in enumerate(zip(*caches)):
-        keys, values, starts = core.left_pad_stack(rows)
+        keys, values, starts = core.left_pad_stack(rows, spare)
         if starts is not None:
             key_start[layer] = starts
-        layers.append((keys, values))
-    return layers, key_start
-
-
-def growing_cache(layers) -> DynamicCache:
-    """A cache over per-layer ``(keys, values)`` whose appends do not copy the whole cache."""
-    cache = DynamicCache(ddp_cache_data=layers)
-    cache.layers = [GrowingLayer(keys, values) for keys, values in layers]
-    return cache
+        layers.append(GrowingLayer.with_room(keys, values, keys.shape[2] - spare))
+    cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
+    cache.layers = layers
+    return cache, key_start
 
 
 def until_stop(tokens: list[int], stop_ids) -> list[int]:
@@ -240,8 +236,7 @@ def greedy_decode(
     each cache first reads the question at positions ``T, T+1, ...`` (attending to its
     compressed context and causally to the question) and its first token follows from there.
     """
-    layers, key_start = stack_caches(caches)
-    cache = growing_cache(layers)
+    cache, key_start = stack_caches(caches, spare=len(question or ()) + max_new_tokens)
     device = pre.input_ids.device
     start = pre.seq_len
     with recording(model, Recorder(key_start=key_start)):
@@ -292,8 +287,7 @@ def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
     """Teacher-forces ``continuation`` (positions ``T, T+1, ...``) over each cache of
     ``caches``, as one batch; one :class:`Trace` per cache, padding removed."""
     device = pre.input_ids.device
-    layers, key_start = stack_caches(caches)
-    cache = growing_cache(layers)
+    cache, key_start = stack_caches(caches, spare=len(continuation))
     n = len(continuation)
     tokens = torch.tensor([continuation] * len(caches), device=device)
     positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)

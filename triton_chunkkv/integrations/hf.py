@@ -131,6 +131,14 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True
         self._adopt(keys, values)
 
+    @classmethod
+    def with_room(cls, key_buffer, value_buffer, filled: int) -> GrowingLayer:
+        """A layer whose cache is the first ``filled`` positions of the buffers: appends go
+        into the rest before anything is copied (``cache.left_pad_stack(spare=...)``)."""
+        layer = cls(key_buffer[..., :filled, :], value_buffer[..., :filled, :])
+        layer._key_buffer, layer._value_buffer = key_buffer, value_buffer
+        return layer
+
     def _adopt(self, keys, values) -> None:
         """Takes ``keys``/``values`` as the filled part, with no spare room yet."""
         self._key_buffer, self._value_buffer = keys, values
