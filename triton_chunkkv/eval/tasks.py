@@ -11,12 +11,15 @@ downloaded.
 (The default model, SmolLM2-135M, answers most prompts right with the full cache at these
 sizes; with four keys or six documents it mostly fails even then, and compression would be
 measured against noise.)
-* ``vartrack``: variable tracking (RULER's, two hops): ``VAR XQT = 48213.`` early, ``VAR MBA =
-  VAR XQT.`` later, a distractor chain with another value between; the question asks for the
-  second variable's value, so both statements (and the link between them) must survive.
+* ``vartrack``: variable tracking (RULER's): ``VAR XQT = 48213.``, then ``hops`` assignments
+  ``VAR MBA = VAR XQT.`` along a chain, and a distractor chain with another value, at random
+  depths; the question asks for the chain's last variable. The default is one hop (the 135M
+  default model cannot follow two with the full cache), so the assignment and the names
+  around it must survive.
 * ``fewshot``: in-context classification with arbitrary labels: items of two categories
-  (animals, fruits, tools, ...) labelled with two random words, the exemplars spread through
-  filler; the question gives a new item, which only the exemplars' mapping can label.
+  (animals, fruits, tools, ...) labelled with two random words, the exemplars in one block at
+  a random depth of the filler; the question gives a new item, which only the exemplars'
+  mapping can label.
 * ``arithmetic`` (optional): 8 chain-of-thought exemplars in the style of the paper's GSM8K
   prompt, then a new problem; generated numbers, scored on "The answer is N".
 
@@ -344,27 +347,31 @@ def variable_name(rng) -> str:
     return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(3))
 
 
-def vartrack(tokenizer, *, length: int, index: int, seed: int, overhead: int) -> Example:
-    rng = example_rng(seed, "vartrack", length, index)
-    first, second, other, other_copy = (variable_name(rng) for _ in range(4))
+def vartrack(
+    tokenizer, *, length: int, index: int, seed: int, overhead: int, hops: int = 1
+) -> Example:
+    rng = example_rng(seed, "vartrack", length, index, hops)
+    chain = [variable_name(rng) for _ in range(hops + 1)]
+    others = [variable_name(rng) for _ in range(hops + 1)]
     value, distractor = (str(v) for v in rng.sample(range(10000, 100000), 2))
-    depths = sorted(rng.random() for _ in range(4))
-    needles = [
-        (depths[0], f"VAR {first} = {value}."),
-        (depths[1], f"VAR {other} = {distractor}."),
-        (depths[2], f"VAR {second} = VAR {first}."),
-        (depths[3], f"VAR {other_copy} = VAR {other}."),
-    ]
+    statements = [f"VAR {chain[0]} = {value}.", f"VAR {others[0]} = {distractor}."]
+    for names in (chain, others):
+        statements += [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    # Assignments come in chain order, the two chains interleaved at random depths.
+    depths = sorted(rng.random() for _ in statements)
+    order = sorted(range(len(statements)), key=lambda i: (i >= 2, i % 2 if i >= 2 else i))
+    needles = [(depths[rank], statements[i]) for rank, i in enumerate(order)]
     intro = "Memorize the values of the variables assigned in the text below."
-    text = intro + " " + " ".join(n for _, n in needles)
+    text = intro + " " + " ".join(statements)
     budget = length - overhead - count_tokens(tokenizer, text)
     sentences = insert_at_depths(haystack(rng, tokenizer, budget), needles)
+    asked = chain[-1]
     return Example(
         task="vartrack",
         example_id=f"vartrack-{length}-{index}",
         context=intro + "\n\n" + join_sentences(sentences),
-        question=f"What is the value of VAR {second}? Answer with the number only.",
-        answer_prefix=f"The value of VAR {second} is",
+        question=f"What is the value of VAR {asked}? Answer with the number only.",
+        answer_prefix=f"The value of VAR {asked} is",
         answer=value,
         scoring="first_number",
         length=length,
@@ -401,10 +408,10 @@ def fewshot(
         exemplars.append(f"Item: {pools[kind][shot // 2]}. Label: {labels[kind]}.")
     rng.shuffle(exemplars)
     intro = "Each item below is given a label. Learn which label goes with which kind of item."
-    text = intro + " " + " ".join(exemplars)
-    budget = length - overhead - count_tokens(tokenizer, text)
-    depths = sorted(rng.random() for _ in exemplars)
-    sentences = insert_at_depths(haystack(rng, tokenizer, budget), list(zip(depths, exemplars)))
+    block = " ".join(exemplars)
+    budget = length - overhead - count_tokens(tokenizer, intro + " " + block)
+    depth = rng.random()
+    sentences = insert_at_depths(haystack(rng, tokenizer, budget), [(depth, block)])
     return Example(
         task="fewshot",
         example_id=f"fewshot-{length}-{index}",
