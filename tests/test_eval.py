@@ -361,3 +361,32 @@ def test_bootstrap_intervals_are_reproducible_and_paired():
     diff, (d_low, d_high) = stats.difference_interval(full, correct)
     assert diff == 0.25 and d_low > 0  # the full cache is better on these prompts
     assert stats.accuracy_interval({}) is None
+
+
+@pytest.mark.parametrize("setting", ["question-aware", "question-agnostic"])
+def test_engine_dynamic_mode_decodes_what_the_adapter_generates(tiny, setting, one_thread):
+    """Dynamic mode in the batched engine (a read mask per row, head and step) gives the HF
+    adapter's tokens (sparse_decode over each step's own chunks)."""
+    model, tokenizer = tiny
+    example = build_examples(
+        tokenizer, ["passkey"], lengths=[200], depths=[0.5], per_cell=1, seed=0
+    )[0]
+    if setting == "question-aware":
+        prompt, question = prompt_ids(example, tokenizer, chat=False), []
+    else:
+        prompt, question = segment_ids(example, tokenizer, chat=False)
+    input_ids = torch.tensor([prompt])
+    policy = ChunkKV(chunk_size=CHUNK, window=WINDOW)
+    budget = len(prompt) // 5
+    stop_ids = stop_token_ids(model, tokenizer)
+    _, kept, expected = generate_with_adapter(
+        model, input_ids, policy, budget, 6, stop_ids, question=question, mode="dynamic"
+    )
+    pre = engine.prefill(model, input_ids)
+    full = engine.compact(pre, [None] * pre.num_layers)
+    dynamic = engine.dynamic(pre, budget, CHUNK, WINDOW)
+    compacted = engine.compact(pre, engine.select_layers(pre, policy, [budget])[0])
+    tokens = engine.greedy_decode(model, pre, [full, compacted, dynamic], 6, stop_ids, question)
+    assert tokens[2] == expected
+    assert tokens[2] != tokens[0]  # it did read less than the whole cache
+    assert all(n <= budget for n in kept)

@@ -391,6 +391,36 @@ def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
     return torch.stack(outputs, dim=2)
 
 
+def dynamic_read_mask(query, index: DynamicIndex, kv_len: int) -> torch.Tensor:
+    """bool ``[1, Hkv, q, kv]``: the cache indices each of the ``q`` newest tokens of a
+    batch-1 dynamic-mode layer reads (its own best chunks, the dense range up to itself): what
+    :func:`sparse_attention` reads, as a mask for batched dense attention (the evaluation)."""
+    q_len = query.shape[2]
+    masks = []
+    for i in range(q_len):
+        chunk_idx = select_decode_chunks(
+            query[:, :, i],
+            index.kmin,
+            index.kmax,
+            index.n_keep,
+            keep_counts=index.keep_counts,
+            chunk_counts=index.chunk_counts,
+            validate=False,
+        )
+        seq_len = kv_len - q_len + i + 1
+        masks.append(
+            reference.retained_mask(
+                chunk_idx,
+                index.chunk_size,
+                index.tail_start,
+                seq_len,
+                kv_len,
+                chunk_counts=index.keep_counts,
+            )
+        )
+    return torch.stack(masks, dim=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # All-or-nothing prefill updates
 # ---------------------------------------------------------------------------------------------

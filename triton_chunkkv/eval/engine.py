@@ -51,6 +51,8 @@ class Recorder:
     capture_qkv: bool = False  # prefill: queries, keys, values
     exact: bool = False  # trace: float32 attention with probabilities
     key_start: dict = field(default_factory=dict)
+    # layer -> [(row, DynamicIndex)]: rows that pick their chunks at every step (dynamic mode)
+    dynamic: dict = field(default_factory=dict)
     queries: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
     values: dict = field(default_factory=dict)
@@ -94,12 +96,30 @@ def eval_attention(
     mask = core.causal_mask(
         q_len, key.shape[2], key_valid, device=query.device, sdpa=not recorder.exact
     )
+    if recorder.dynamic.get(layer):
+        mask = dynamic_rows_mask(query, key.shape[2], mask, recorder.dynamic[layer], key_valid)
     if recorder.exact:
         probs, out = exact_attention(query, key, value, scaling, mask)
         recorder.probs[layer], recorder.outputs[layer] = probs, out
         recorder.keys[layer], recorder.values[layer] = key[:, :, -q_len:], value[:, :, -q_len:]
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
     return core.dense_attention(query, key, value, scaling, mask).transpose(1, 2), None
+
+
+def dynamic_rows_mask(query, kv_len, mask, rows, key_valid) -> torch.Tensor:
+    """``mask`` as ``[C, Hkv, q, kv]``, the dynamic-mode rows narrowed to what each of their
+    queries reads (``cache.dynamic_read_mask``); a dynamic row is never padded (its cache is
+    the whole prompt, the longest row)."""
+    C, _, q_len, _ = query.shape
+    Hkv = rows[0][1].kmin.shape[1]
+    if mask is None:
+        mask = core.causal_mask(q_len, kv_len, key_valid, device=query.device, sdpa=False)
+    if mask is None:  # one query, no padding: every key
+        mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=query.device)
+    mask = mask.expand(C, Hkv, q_len, kv_len).clone()
+    for row, index in rows:
+        mask[row] &= core.dynamic_read_mask(query[row : row + 1], index, kv_len)[0]
+    return mask
 
 
 AttentionInterface.register(ATTENTION_NAME, eval_attention)
@@ -192,6 +212,16 @@ def compact(pre: Prefill, selections) -> list[tuple[torch.Tensor, torch.Tensor]]
     return out
 
 
+def dynamic(pre: Prefill, budget: int, chunk_size: int, window: int) -> list:
+    """Each layer's ``(keys, values, index)`` in dynamic mode: the whole prompt, and the
+    :class:`~triton_chunkkv.cache.DynamicIndex` every decode step selects with."""
+    out = []
+    for k, v in zip(pre.keys, pre.values):
+        layer = core.dynamic_layer(k, v, [0], [budget], chunk_size, window)
+        out.append((k, v, layer.sparse))
+    return out
+
+
 def kept_positions(selection: Selection | None, seq_len: int, device) -> torch.Tensor:
     """int64 ``[1, Hkv or 1, kept]``: the prompt positions a layer keeps, in cache order."""
     if selection is None:
@@ -202,19 +232,25 @@ def kept_positions(selection: Selection | None, seq_len: int, device) -> torch.T
 
 
 def stack_caches(caches, spare: int = 0) -> tuple[DynamicCache, dict]:
-    """Several configurations' caches (each a list of per-layer ``(keys, values)``, batch 1)
-    as one batch cache: per layer, the rows left padded with zeros to a common length, with
-    room for ``spare`` more tokens (appends then copy nothing else), and ``key_start`` (int64
-    ``[C]``) for the layers whose rows differ in length."""
-    layers, key_start = [], {}
+    """Several configurations' caches (each a list of per-layer ``(keys, values)``, batch 1, or
+    ``(keys, values, index)`` in dynamic mode) as one batch cache: per layer, the rows left
+    padded with zeros to a common length, with room for ``spare`` more tokens (appends then
+    copy nothing else); ``key_start`` (int64 ``[C]``) for the layers whose rows differ in
+    length, and the dynamic rows per layer."""
+    layers, key_start, dynamic_rows = [], {}, {}
     for layer, rows in enumerate(zip(*caches)):
-        keys, values, starts = core.left_pad_stack(rows, spare)
+        keys, values, starts = core.left_pad_stack([row[:2] for row in rows], spare)
         if starts is not None:
             key_start[layer] = starts
+        indexed = [(r, row[2]) for r, row in enumerate(rows) if len(row) == 3]
+        if indexed:
+            if starts is not None and any(int(starts[r]) for r, _ in indexed):
+                raise ValueError("a dynamic-mode cache must be the longest of its batch")
+            dynamic_rows[layer] = indexed
         layers.append(GrowingLayer.with_room(keys, values, keys.shape[2] - spare))
     cache = DynamicCache(ddp_cache_data=[(layer.keys, layer.values) for layer in layers])
     cache.layers = layers
-    return cache, key_start
+    return cache, key_start, dynamic_rows
 
 
 def until_stop(tokens: list[int], stop_ids) -> list[int]:
@@ -236,10 +272,10 @@ def greedy_decode(
     each cache first reads the question at positions ``T, T+1, ...`` (attending to its
     compressed context and causally to the question) and its first token follows from there.
     """
-    cache, key_start = stack_caches(caches, spare=len(question or ()) + max_new_tokens)
+    cache, key_start, dynamic_rows = stack_caches(caches, len(question or ()) + max_new_tokens)
     device = pre.input_ids.device
     start = pre.seq_len
-    with recording(model, Recorder(key_start=key_start)):
+    with recording(model, Recorder(key_start=key_start, dynamic=dynamic_rows)):
         if question:
             tokens = torch.tensor([question] * len(caches), device=device)
             positions = torch.arange(start, start + len(question), device=device)
@@ -287,11 +323,12 @@ def trace(model, pre: Prefill, caches, continuation: list[int]) -> list[Trace]:
     """Teacher-forces ``continuation`` (positions ``T, T+1, ...``) over each cache of
     ``caches``, as one batch; one :class:`Trace` per cache, padding removed."""
     device = pre.input_ids.device
-    cache, key_start = stack_caches(caches, spare=len(continuation))
+    cache, key_start, dynamic_rows = stack_caches(caches, spare=len(continuation))
     n = len(continuation)
     tokens = torch.tensor([continuation] * len(caches), device=device)
     positions = torch.arange(pre.seq_len, pre.seq_len + n, device=device).expand_as(tokens)
-    with recording(model, Recorder(exact=True, key_start=key_start)) as rec:
+    recorder = Recorder(exact=True, key_start=key_start, dynamic=dynamic_rows)
+    with recording(model, recorder) as rec:
         model(
             tokens,
             **cache_kwargs(model, cache),

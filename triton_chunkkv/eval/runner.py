@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache
 
+from .. import cache as core
 from ..ops import reference
 from ..policies import POLICIES, Policy, kept_length, make_policy
 from . import engine as eng
@@ -175,6 +176,11 @@ class Run(NamedTuple):
     select_seconds: float  # the method's selection time over its ratios, shared equally
 
 
+def dynamic_read_length(index, seq_len: int) -> int:
+    """What a dynamic-mode step reads of a ``seq_len`` prompt: its chunks and the tail."""
+    return int(index.keep_counts[0]) * index.chunk_size + seq_len - int(index.tail_start[0])
+
+
 def in_batches(fn, model, pre, caches, max_batch: int, *args) -> list:
     """``fn(model, pre, caches, *args)`` over groups of at most ``max_batch`` caches."""
     out = []
@@ -288,14 +294,15 @@ def run_prompt(
             T if ratio is None else reference.resolve_budget(T, ratio=ratio) for ratio in ratios
         ]
         select_start = time.perf_counter()
+        policy = method.policy(tokenizer)
         if method.name == "fullkv":
             chosen = [(keep_all, [T] * pre.num_layers, None)]
-        elif engine == "adapter" or method.mode != "evict":
+        elif engine == "adapter":
             chosen = [
                 generate_with_adapter(
                     model,
                     input_ids,
-                    method.policy(tokenizer),
+                    policy,
                     budget,
                     example.max_new_tokens,
                     stop_ids,
@@ -305,12 +312,17 @@ def run_prompt(
                 )
                 for budget in budgets
             ]
+        elif method.mode == "dynamic":  # every decode step selects: the caches stay whole
+            grid = core.chunk_grid(policy)
+            chosen = []
+            for budget in budgets:
+                layers = eng.dynamic(pre, budget, *grid)
+                kept = [dynamic_read_length(index, T) for _, _, index in layers]
+                chosen.append((layers, kept, None))
         else:
             chosen = [
                 (selections, [kept_length(s, T) for s in selections], None)
-                for selections in eng.select_layers(
-                    pre, method.policy(tokenizer), budgets, method.reuse_layers
-                )
+                for selections in eng.select_layers(pre, policy, budgets, method.reuse_layers)
             ]
         seconds = (time.perf_counter() - select_start) / len(ratios)
         runs += [
@@ -318,11 +330,14 @@ def run_prompt(
             for ratio, budget, (selections, kept, tokens) in zip(ratios, budgets, chosen)
         ]
 
-    # Row 0 is the full cache; fullkv results read it instead of a row of their own. Methods
-    # that select at every decode step have no compacted cache: their adapter run decoded.
-    compressed = [run for run in runs if run.method.name != "fullkv" and run.method.mode == "evict"]
+    # Row 0 is the full cache; fullkv results read it instead of a row of their own; adapter
+    # runs decoded already. A dynamic run's "selections" are its layers' caches.
+    compressed = [run for run in runs if run.method.name != "fullkv" and run.tokens is None]
     rows = {id(run): row for row, run in enumerate(compressed, start=1)}
-    caches = [eng.compact(pre, keep_all)] + [eng.compact(pre, run.selections) for run in compressed]
+    caches = [eng.compact(pre, keep_all)] + [
+        run.selections if run.method.mode == "dynamic" else eng.compact(pre, run.selections)
+        for run in compressed
+    ]
     decoded = in_batches(
         eng.greedy_decode,
         model,
@@ -365,7 +380,8 @@ def run_prompt(
             "prompt_seconds": prompt_seconds,
         }
         if traces is not None and id(run) in rows:
-            record.update(layer_fidelity(traces[0], traces[row], run.selections, T))
-            record["adjacent_jaccard"] = adjacent_jaccard(run.selections, T)
+            selections = [None] * pre.num_layers if run.method.mode == "dynamic" else run.selections
+            record.update(layer_fidelity(traces[0], traces[row], selections, T))
+            record["adjacent_jaccard"] = adjacent_jaccard(selections, T)
         records.append(record)
     return records
