@@ -258,8 +258,8 @@ def main(argv=None) -> int:
         print("\n".join(f"  {line}" for line in diff))
     else:
         print(f"resources as in {path.name}")
-    if args.write:
-        report.write(path, run_meta(args, argv), entries, committed)
+    if args.write:  # --full replaces the report; a subset run updates its own variants
+        report.write(path, run_meta(args, argv), entries, {} if args.full else committed)
         print(f"wrote {path}")
     if args.summary:
         reports = [report.load(p) for p in sorted(report.REPORT_DIR.glob("*.json"))]

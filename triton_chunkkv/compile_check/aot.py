@@ -30,6 +30,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -178,15 +179,6 @@ class CompileJob:
         attribute = getattr(importlib.import_module(self.module), self.name)
         return attribute if isinstance(attribute, JITFunction) else attribute.kernel  # TunedKernel
 
-    @property
-    def config(self) -> dict:
-        """The tuning parameters of this compile: BLOCK_* constexprs, warps, stages."""
-        return {
-            name: value
-            for name, value in self.kwargs.items()
-            if name.startswith("BLOCK_") or name in ("num_warps", "num_stages")
-        }
-
 
 SHORT = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
@@ -226,14 +218,14 @@ class LaunchRecorder:
 
 
 @contextlib.contextmanager
-def recording_launches(recorder: LaunchRecorder, cpu_tensors_run_kernels: bool = True):
+def recording_launches(recorder: LaunchRecorder):
     """Within: every kernel launch is recorded by ``recorder``, nothing is compiled or run.
 
-    With ``cpu_tensors_run_kernels``, the op wrappers take CPU tensors for GPU tensors (their
-    ``use_triton`` is True, the SM count is the H200's); kernel outputs stay uninitialized.
+    The op wrappers take CPU tensors for GPU tensors (``use_triton`` is True, the SM count is
+    the H200's); kernel outputs stay uninitialized.
     """
+    import triton_chunkkv.ops  # noqa: F401  (every kernel module, imported)
     from triton_chunkkv.ops import _runtime
-    from triton_chunkkv.ops.kernels import sparse_decode, window_scores
 
     check_compiled_mode()
 
@@ -253,21 +245,20 @@ def recording_launches(recorder: LaunchRecorder, cpu_tensors_run_kernels: bool =
             # Recorded timings must never reach Triton's on-disk autotune cache.
             patches.append(mock.patch.object(autotuner, "cache_results", False))
             patches.append(mock.patch.object(autotuner, "cache", {}))
-    if cpu_tensors_run_kernels:
-        for module in (*_kernel_modules(), _runtime):
-            patches.append(mock.patch.object(module, "use_triton", lambda tensor: True))
-        for module in (sparse_decode, window_scores):
-            patches.append(mock.patch.object(module, "multiprocessor_count", lambda d: SM_COUNT))
+    # Every module that imported the dispatch helpers by name gets the stand-ins.
+    stand_ins = {
+        "use_triton": (_runtime.use_triton, lambda tensor: True),
+        "multiprocessor_count": (_runtime.multiprocessor_count, lambda device: SM_COUNT),
+    }
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("triton_chunkkv"):
+            for name, (original, replacement) in stand_ins.items():
+                if getattr(module, name, None) is original:
+                    patches.append(mock.patch.object(module, name, replacement))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
         yield recorder
-
-
-def _kernel_modules():
-    from triton_chunkkv.ops.kernels import chunk_sum, gather, sparse_decode, window_scores
-
-    return chunk_sum, gather, sparse_decode, window_scores
 
 
 # ---------------------------------------------------------------------------------------------
