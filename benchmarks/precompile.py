@@ -101,7 +101,7 @@ PRESETS = {
 
 
 def record(preset: str):
-    from triton_chunkkv.compile_check.__main__ import describe
+    from triton_chunkkv.compile_check.__main__ import sorted_jobs
     from triton_chunkkv.compile_check.aot import LaunchRecorder, recording_launches
 
     checks, sweep, e2e = PRESETS[preset]
@@ -121,7 +121,7 @@ def record(preset: str):
                 f"{time.perf_counter() - start:.1f} s",
                 flush=True,
             )
-    return sorted(recorder.jobs.values(), key=lambda job: describe(job)["id"])
+    return sorted_jobs(recorder.jobs.values())
 
 
 def main(argv=None) -> int:
@@ -135,12 +135,12 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("precompiling needs compiled kernels: run with TRITON_INTERPRET=0")
 
-    from triton_chunkkv.compile_check.__main__ import compile_all, describe
+    from triton_chunkkv.compile_check.__main__ import compile_all, variant_ids
     from triton_chunkkv.compile_check.report import estimated_compile_time, violations
 
     start = time.perf_counter()
     jobs = record(args.preset)
-    estimate = estimated_compile_time([describe(job)["id"] for job in jobs])
+    estimate = estimated_compile_time(variant_ids(jobs))
     print(f"{len(jobs)} variants to compile for sm_90; {estimate}", flush=True)
     if args.count:
         return 0

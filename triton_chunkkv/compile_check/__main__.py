@@ -3,6 +3,7 @@
     python -m triton_chunkkv.compile_check                 # CI subset, check + diff
     python -m triton_chunkkv.compile_check --full --write  # whole matrix, update the report
     python -m triton_chunkkv.compile_check --count         # record only: how many compiles
+    python -m triton_chunkkv.compile_check --summary docs/COMPILE_REPORT.md
 
 Exit status: 0 when every compiled variant passes the rules of :func:`.report.violations`,
 1 otherwise, 2 on bad usage.
@@ -14,6 +15,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import multiprocessing
 import os
 import shlex
@@ -43,7 +45,12 @@ def parse_args(argv):
         help="compile into a fresh Triton cache (timings of a cold start; --write implies it)",
     )
     parser.add_argument("--report", type=Path, default=None, help="report JSON to compare/write")
-    parser.add_argument("--summary", type=Path, default=None, help="write a Markdown summary")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="only write the Markdown summary of the committed reports (docs/COMPILE_REPORT.md)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print every variant")
     return parser.parse_args(argv)
 
@@ -65,11 +72,16 @@ def calls_for(args):
 
 def record(calls):
     """The deduplicated compile jobs of ``calls`` (nothing compiled)."""
+    from triton_chunkkv.ops._runtime import TUNED_KERNELS
+
     from .aot import LaunchRecorder, recording_launches
 
+    autotuners = [tuner for kernel in TUNED_KERNELS.values() for tuner in kernel.autotuners()]
     recorder = LaunchRecorder()
     with recording_launches(recorder):
         for call in calls:
+            for autotuner in autotuners:  # each call records every config, tuned before or not
+                autotuner.cache.clear()
             recorder.label = call.label
             recorder.dtype = call.dtype
             recorder.head_dim = None if call.op == "chunk_sum" else call.head_dim
@@ -121,13 +133,54 @@ def describe(job) -> dict:
     }
 
 
+def describe_all(jobs) -> list[dict]:
+    """:func:`describe` of each job; variants whose ids coincide (they differ in a runtime
+    argument's specialization: a pointer's dtype, an int's divisibility by 16) get those
+    differences appended, e.g. ``[chunk_idx_ptr=('*i64', 'D')]``."""
+    described = [describe(job) for job in jobs]
+    groups = {}
+    for index, entry in enumerate(described):
+        groups.setdefault(entry["id"], []).append(index)
+    for indices in groups.values():
+        if len(indices) == 1:
+            continue
+        keys = [dict(jobs[i].key[1]) for i in indices]
+        differing = sorted(name for name in keys[0] if len({k[name] for k in keys}) > 1)
+        for i, key in zip(indices, keys):
+            described[i]["id"] += " [" + ", ".join(f"{n}={key[n]}" for n in differing) + "]"
+    return described
+
+
+@functools.cache
+def _full_matrix_ids() -> dict:
+    from . import variants
+
+    jobs = sorted_jobs(record(variants.full_matrix()).jobs.values())
+    return {job.key: entry["id"] for job, entry in zip(jobs, describe_all(jobs))}
+
+
+def variant_ids(jobs) -> list[str]:
+    """The report ids of ``jobs``: a variant of the full matrix has its id there whatever else
+    is compiled with it (a subset run compares with the committed full report); the others
+    are disambiguated among themselves."""
+    known = _full_matrix_ids()
+    others = [job for job in jobs if job.key not in known]
+    other_ids = dict(zip((job.key for job in others), (e["id"] for e in describe_all(others))))
+    return [known.get(job.key) or other_ids[job.key] for job in jobs]
+
+
+def sorted_jobs(jobs) -> list:
+    """A stable order: by id, then by Triton's key."""
+    return sorted(jobs, key=lambda job: (describe(job)["id"], repr(job.key)))
+
+
 def compile_all(jobs, workers: int, expected_seconds: dict, verbose: bool) -> list[dict]:
     """Compile ``jobs`` in ``workers`` processes, slowest first (by the committed seconds),
     and return the report entries in job order."""
     from .aot import compile_job
     from .report import resource_text, violations
 
-    described = [describe(job) for job in jobs]
+    described = [dict(describe(job), id=name) for job, name in zip(jobs, variant_ids(jobs))]
 
     def expected(i):  # without a committed time: float32 compiles are the slow ones
         return expected_seconds.get(described[i]["id"], 3.0 if jobs[i].dtype == "fp32" else 1.0)
@@ -160,16 +213,6 @@ class _Shutdown:
 
     def close(self):
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def unique_ids(entries) -> None:
-    """Variants that differ only in a non-constexpr specialization get a #n suffix."""
-    seen = {}
-    for entry in sorted(entries, key=lambda e: e["id"]):
-        count = seen.get(entry["id"], 0)
-        seen[entry["id"]] = count + 1
-        if count:
-            entry["id"] += f" #{count + 1}"
 
 
 def run_meta(args, argv) -> dict:
@@ -215,17 +258,22 @@ def main(argv=None) -> int:
     ensure_compiled_kernels(argv)
     from . import report
 
+    if args.summary:
+        reports = [report.load(path) for path in sorted(report.REPORT_DIR.glob("*.json"))]
+        args.summary.write_text(report.summary_markdown(reports))
+        print(f"wrote {args.summary}")
+        return 0
     start = time.perf_counter()
     recorder = record(calls_for(args))
-    jobs = sorted(recorder.jobs.values(), key=lambda job: describe(job)["id"])
+    jobs = sorted_jobs(recorder.jobs.values())
     print(
         f"compile check: {len(jobs)} variants to compile for sm_90 "
         f"({recorder.launches} launches recorded in {time.perf_counter() - start:.1f} s)",
         flush=True,
     )
     if args.count:
-        for job in jobs:
-            print(describe(job)["id"])
+        for name in variant_ids(jobs):
+            print(name)
         return 0
 
     path = args.report or report.default_report_path()
@@ -238,7 +286,6 @@ def main(argv=None) -> int:
         compile_start = time.perf_counter()
         entries = compile_all(jobs, args.jobs, committed.get("compile_seconds", {}), args.verbose)
         wall = time.perf_counter() - compile_start
-    unique_ids(entries)
 
     failed = [(entry, report.violations(entry)) for entry in entries]
     failed = [(entry, why) for entry, why in failed if why]
@@ -261,9 +308,6 @@ def main(argv=None) -> int:
     if args.write:  # --full replaces the report; a subset run updates its own variants
         report.write(path, run_meta(args, argv), entries, {} if args.full else committed)
         print(f"wrote {path}")
-    if args.summary:
-        reports = [report.load(p) for p in sorted(report.REPORT_DIR.glob("*.json"))]
-        args.summary.write_text(report.summary_markdown([r for r in reports if r]))
     for entry, why in failed:
         print(f"FAIL {entry['id']}: {'; '.join(why)}")
     return 1 if failed else 0

@@ -198,8 +198,10 @@ class LaunchRecorder:
     def record(self, fn: JITFunction, args, kwargs):
         self.launches += 1
         options = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        options.setdefault("num_warps", 4)
-        options.setdefault("num_stages", 3)
+        # Triton's defaults, which the autotuner passes explicitly (Config.all_kwargs) and a
+        # plain launch leaves out: the same compile either way.
+        for name, default in (("num_warps", 4), ("num_stages", 3), ("num_ctas", 1)):
+            options.setdefault(name, default)
         job = CompileJob(
             module=fn.fn.__module__,
             name=fn.fn.__name__,

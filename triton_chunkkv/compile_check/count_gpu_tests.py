@@ -94,7 +94,7 @@ def pytest_runtest_call(item):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    from .__main__ import describe
+    from .__main__ import variant_ids
     from .report import estimated_compile_time
 
     recorder = config._chunkkv_recorder
@@ -106,7 +106,7 @@ def pytest_terminal_summary(terminalreporter, config):
         f"compiles counted: {len(jobs)} distinct kernel variants from {recorder.launches} "
         f"launches ({'one config per kernel' if one_config else 'autotuned: every config'})"
     )
-    ids = sorted(describe(job)["id"] for job in jobs)
+    ids = sorted(variant_ids(jobs))
     terminalreporter.write_line(f"  {estimated_compile_time(ids)}")
     for name, count in sorted(per_kernel.items()):
         terminalreporter.write_line(f"  {name}: {count}")
