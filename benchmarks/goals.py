@@ -86,7 +86,7 @@ def goal(name, shape, target_text, limit, compare, measured) -> Goal:
 
 
 def evaluate(rows) -> list[Goal]:
-    rows = Rows(rows)
+    rows = rows if isinstance(rows, Rows) else Rows(rows)
     le, ge = operator.le, operator.ge
     compress = ops_id("compress", "chunkkv", 1, 32768)
     goals = [
@@ -188,6 +188,21 @@ def evaluate(rows) -> list[Goal]:
             )
         )
     return goals
+
+
+def needed_ids() -> set[str]:
+    """The id of every row some goal reads (what ``--preset goals`` of the sweeps measures)."""
+
+    class Recorded(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return default
+
+    seen: set[str] = set()
+    rows = Rows([])
+    rows.by_id = Recorded()
+    evaluate(rows)
+    return seen
 
 
 def format_value(goal_: Goal) -> str:

@@ -227,6 +227,11 @@ def cases(preset: OpsPreset, device: torch.device, selected_ops) -> list[Case]:
                         for reuse in preset.reuse
                     ]
     out = [case for case in out if case.op in selected_ops]
+    if preset.goal_rows_only:
+        from .goals import needed_ids
+
+        needed = needed_ids()
+        out = [case for case in out if describe(case, preset, "")["id"] in needed]
     goals = list(preset.goal_shapes)
 
     def priority(case):
@@ -366,6 +371,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS)
     )
+    parser.add_argument(
+        "--tuned-out",
+        default=None,
+        help="write the configs the autotuner chose in this run (autotune_cache/<gpu>.json form)",
+    )
     args = parser.parse_args(argv)
     device = pick_device(args.device, args.cpu_threads)
     preset = OPS_PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
@@ -373,7 +383,13 @@ def main(argv=None) -> None:
     unknown = sorted(set(selected) - set(OPS))
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {', '.join(OPS)}")
-    run(preset, device, args.out, selected, args.time_budget, argv)
+    try:
+        run(preset, device, args.out, selected, args.time_budget, argv)
+    finally:
+        if args.tuned_out:  # also after a run cut short: what was tuned stays tuned
+            from triton_chunkkv.autotune_cache.__main__ import write_tuned_configs
+
+            write_tuned_configs(args.tuned_out)
 
 
 if __name__ == "__main__":

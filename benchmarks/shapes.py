@@ -1,8 +1,9 @@
 """Model shapes and the sweeps (presets) the benchmarks run.
 
-``gpu`` is the sweep of issues 6 and 8; ``cpu`` is what the committed CPU baseline measures
-(the torch reference on a small CPU, so shorter contexts); ``smoke`` is the tiny sweep CI runs
-so that the harness never rots.
+``gpu`` is the sweep of issues 6 and 8; ``goals`` its goal rows only (the one-command GPU run,
+``scripts/gpu_suite.sh``); ``cpu`` is what the committed CPU baseline measures (the torch
+reference on a small CPU, so shorter contexts); ``smoke`` is the tiny sweep CI runs so that the
+harness never rots.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class OpsPreset:
     min_reps: int = 5  # CPU timer: at least this many timed calls...
     min_time_s: float = 0.2  # ...and at least this long
     max_sets_bytes: int = 512 << 20  # rotate input sets until they fill this much
+    goal_rows_only: bool = False  # only the rows benchmarks.goals reads
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,22 @@ OPS_PRESETS = {
         flex=(("llama3-8b", 1, 8192), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768)),
         goal_shapes=tuple(("llama3-8b", b, t) for t in (32768, 8192, 131072) for b in (1, 8, 32)),
         copy_bytes=1 << 30,
+    ),
+    # The one-command GPU run (scripts/gpu_suite.sh): the goal rows of the gpu sweep only.
+    "goals": OpsPreset(
+        name="goals",
+        models=(LLAMA3_8B,),
+        seq_lens=(8192, 32768, 131072),
+        batches=(1, 8, 32),
+        kept=(0.1,),
+        dtype="bfloat16",
+        reuse=(1, 4),
+        reuse_layers=8,
+        reuse_kept=(0.1,),
+        flex=(),
+        goal_shapes=tuple(("llama3-8b", b, t) for t in (32768, 8192, 131072) for b in (1, 8, 32)),
+        copy_bytes=1 << 30,
+        goal_rows_only=True,
     ),
     "cpu": OpsPreset(
         name="cpu",
@@ -135,6 +153,18 @@ E2E_PRESETS = {
         ratio=0.1,
         reuse=(1, 4),
         repeats=3,
+    ),
+    # The one-command GPU run: the goal rows (32K, B1 and B4, FullKV / evict / sparse, N=1).
+    "goals": E2EPreset(
+        name="goals",
+        model="llama3-8b-random",
+        config=LLAMA3_8B_CONFIG,
+        prompt_lens=(32768,),
+        batches=(1, 4),
+        new_tokens=64,
+        ratio=0.1,
+        reuse=(1,),
+        repeats=3,  # the median drops the run that pays the 32K shapes' autotuning
     ),
     "cpu": E2EPreset(
         name="cpu",

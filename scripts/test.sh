@@ -18,6 +18,7 @@ run() {  # a labelled step; a failure is remembered, the other steps still run
 
 run "ruff (.venv)" .venv/bin/python -m ruff check .
 run "ruff format (.venv)" .venv/bin/python -m ruff format --check .
+run "compile check, sm_90 (.venv, .venv-oldest)" bash scripts/compile_check.sh
 run "tests (.venv)" .venv/bin/python -m pytest -q tests --ignore=tests/sglang "$@"
 if [ -x .venv-oldest/bin/python ]; then
   run "oldest stack (.venv-oldest)" .venv-oldest/bin/python -m pytest -q -p no:cacheprovider \

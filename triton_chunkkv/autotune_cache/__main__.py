@@ -121,11 +121,19 @@ def main(argv=None) -> int:
                             torch.cuda.empty_cache()
                         print(f"{shape}: {time.perf_counter() - start:.1f} s")
 
+    write_tuned_configs(output)
+    return 0
+
+
+def write_tuned_configs(output) -> int:
+    """Merge the configs every kernel tuned in this process into ``output``; their count."""
+    output = Path(output)
     tuned = {name: kernel.tuned_configs() for name, kernel in _runtime.TUNED_KERNELS.items()}
     committed = json.loads(output.read_text()) if output.exists() else {}
     output.write_text(json.dumps(merge_configs(committed, tuned), indent=1) + "\n")
-    print(f"wrote {sum(map(len, tuned.values()))} tuned configs into {output}")
-    return 0
+    count = sum(map(len, tuned.values()))
+    print(f"wrote {count} tuned configs into {output}")
+    return count
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
 * The Triton interpreter is not thread-safe (it patches ``triton.language`` for the length of a
   launch), so interpreted launches take turns (:func:`launch_lock`); compiled launches and the
   torch reference need no lock.
+* ``TRITON_CHUNKKV_ONE_CONFIG=1`` launches each kernel's first config without tuning (one
+  compile per kernel variant: the GPU tests), and :meth:`TunedKernel.forcing` one given config.
 """
 
 from __future__ import annotations
@@ -134,28 +136,58 @@ class TunedKernel:
     ``key`` names keyword arguments of the launch (pass them by keyword, already bucketed).
     """
 
-    def __init__(self, kernel, configs, key, interpret_config: triton.Config):
+    def __init__(self, kernel, configs, key, interpret_config: triton.Config, float32_configs=None):
         self.kernel = kernel
         self.name = kernel.fn.__name__
         self.key = list(key)
         self.configs = list(configs)
+        # float32 inputs (ELEMENT_BYTES=4) tune over their own list: the 16-bit blocks spill.
+        self.float32_configs = list(float32_configs) if float32_configs else None
         self.interpret_config = interpret_config
+        self.forced_config = None
         options = (
             {"cache_results": True}
             if "cache_results" in inspect.signature(triton.autotune).parameters
             else {}
         )
         self.autotuned = triton.autotune(configs=self.configs, key=self.key, **options)(kernel)
+        self.autotuned_float32 = (
+            triton.autotune(configs=self.float32_configs, key=self.key, **options)(kernel)
+            if self.float32_configs
+            else None
+        )
         TUNED_KERNELS[self.name] = self
+
+    def autotuners(self) -> list:
+        return [tuner for tuner in (self.autotuned, self.autotuned_float32) if tuner is not None]
+
+    def configs_for(self, kwargs) -> list[triton.Config]:
+        """The configs a launch with these keyword arguments tunes over."""
+        if self.float32_configs and kwargs.get("ELEMENT_BYTES") == 4:
+            return self.float32_configs
+        return self.configs
+
+    @contextlib.contextmanager
+    def forcing(self, config: triton.Config):
+        """Within: every launch of this kernel uses ``config`` (under the interpreter too)."""
+        self.forced_config = config
+        try:
+            yield
+        finally:
+            self.forced_config = None
 
     def key_string(self, kwargs) -> str:
         return ",".join(f"{name}={kwargs[name]}" for name in self.key)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if self.forced_config is not None:
+                return self._launch_with(self.forced_config, grid, args, kwargs)
             if interpreting():
                 with INTERPRETER_LOCK:
                     return self._launch_with(self.interpret_config, grid, args, kwargs)
+            if os.environ.get("TRITON_CHUNKKV_ONE_CONFIG") == "1":
+                return self._launch_with(self.configs_for(kwargs)[0], grid, args, kwargs)
             committed = committed_configs(gpu_name()).get(self.name, {})
             config = committed.get(self.key_string(kwargs))
             if config is not None:
@@ -169,7 +201,8 @@ class TunedKernel:
                     args,
                     kwargs,
                 )
-            return self.autotuned[grid](*args, **kwargs)
+            float32 = self.autotuned_float32 is not None and kwargs.get("ELEMENT_BYTES") == 4
+            return (self.autotuned_float32 if float32 else self.autotuned)[grid](*args, **kwargs)
 
         return launch
 
@@ -185,12 +218,13 @@ class TunedKernel:
     def tuned_configs(self) -> dict:
         """``{key string: config}`` for every shape the autotuner has tuned in this process."""
         out = {}
-        for key_values, config in self.autotuned.cache.items():
-            named = dict(zip(self.key, key_values))
-            out[self.key_string(named)] = config_to_json(config)
+        for autotuner in self.autotuners():
+            for key_values, config in autotuner.cache.items():
+                named = dict(zip(self.key, key_values))
+                out[self.key_string(named)] = config_to_json(config)
         return out
 
 
-def tuned(configs, key, interpret_config: triton.Config):
+def tuned(configs, key, interpret_config: triton.Config, float32_configs=None):
     """Decorator form of :class:`TunedKernel`, applied on top of ``@triton.jit``."""
-    return lambda kernel: TunedKernel(kernel, configs, key, interpret_config)
+    return lambda kernel: TunedKernel(kernel, configs, key, interpret_config, float32_configs)

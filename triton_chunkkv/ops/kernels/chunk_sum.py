@@ -45,9 +45,13 @@ def _chunk_sum(scores, chunk_size, window) -> torch.Tensor:
 
 
 @tuned(
+    # At chunk sizes above 32 (CHUNK_BLOCK 64), 128 and more chunks on 4 warps spill for sm_90:
+    # (256, 4) and (512, 8) 0.7-1 KB per thread with triton 3.9, (128, 4) and (256, 8) 56 B with
+    # triton 3.6 (benchmarks/compile_reports). The op reads 4 bytes a token: small blocks cost
+    # nothing.
     configs=[
         triton.Config({"BLOCK_CHUNKS": block}, num_warps=warps)
-        for block, warps in [(32, 1), (64, 2), (128, 4), (256, 4), (512, 8)]
+        for block, warps in [(32, 1), (64, 2), (64, 4), (128, 8)]
     ],
     key=["CHUNKS_BUCKET", "CHUNK_BLOCK"],
     interpret_config=triton.Config({"BLOCK_CHUNKS": 32}),

@@ -52,6 +52,13 @@ CONFIGS = [
         (128, 128, 8, 2),
     ]
 ]
+# float32 dots run on FMA units (IEEE, no tensor cores): every 16-bit config above spills 3-15 KB
+# per thread there and takes 4-24 s to compile for sm_90 (benchmarks/compile_reports); these
+# small blocks compile in ~1 s, and only the pass-2 kernel spills, < 400 B at D <= 128.
+FLOAT32_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n}, num_warps=8, num_stages=2)
+    for block_n in (32, 64)
+]
 LARGEST_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in CONFIGS)
 # The interpreter pays per operation, not per element: large blocks keep the tests fast.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})
@@ -261,6 +268,7 @@ def _masked_logits(q, k, key_ok, offs_n, query_pos, qk_scale, DOT_PRECISION: tl.
 
 @tuned(
     configs=CONFIGS,
+    float32_configs=FLOAT32_CONFIGS,
     interpret_config=INTERPRET_CONFIG,
     key=["ROWS_BUCKET", "KEYS_PER_SPLIT_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
 )
@@ -370,6 +378,7 @@ def _window_stats_kernel(
 
 @tuned(
     configs=CONFIGS,
+    float32_configs=FLOAT32_CONFIGS,
     interpret_config=INTERPRET_CONFIG,
     key=["ROWS_BUCKET", "T_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
 )
