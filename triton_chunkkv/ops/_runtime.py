@@ -62,7 +62,7 @@ _dispatch_mode_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
 def call_directly(*tensors) -> bool:
     """Whether an op may call its implementation directly rather than its registered operator
     (:mod:`.library`): True in plain eager mode, where the operator would only add the
-    dispatcher's cost (about 5 us a call, ``docs/DESIGN.md``); False while ``torch.compile`` /
+    dispatcher's cost (2 to 5 us a call, ``docs/DESIGN.md``); False while ``torch.compile`` /
     ``torch.export`` traces, under a dispatch mode (fake tensors, ``make_fx``), while the
     profiler records (so traces name the op), or when a tensor argument is a subclass.
 
