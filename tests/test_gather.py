@@ -110,6 +110,7 @@ BAD_ARGUMENTS = [
     ("k rank", lambda a: dict(k=a["k"][0]), ValueError, "k must have 4 dimensions"),
     ("integer k", lambda a: dict(k=a["k"].long(), v=a["v"].long()), TypeError, "k must have dtype"),
     ("v device", lambda a: dict(v=a["v"].to("meta")), ValueError, "device.*v=meta"),
+    ("validate type", lambda a: dict(validate="False"), TypeError, "validate must be a bool"),
 ]
 
 
@@ -123,6 +124,35 @@ def test_rejects_bad_arguments(change, error, match):
     arguments = dict(k=k, v=v, chunk_idx=random_chunks(2, 2, 4, 2), chunk_size=10, tail_start=40)
     with pytest.raises(error, match=match):
         ops.gather_chunks(**{**arguments, **change(arguments)})
+
+
+# The checks that read index values on the host: the ones validate=False skips.
+DATA_CHECKS = ("index past the chunks", "negative index")
+NO_DATA_CHECKS = [case for case in BAD_ARGUMENTS if case[0] not in (*DATA_CHECKS, "validate type")]
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [case[1:] for case in NO_DATA_CHECKS],
+    ids=[case[0] for case in NO_DATA_CHECKS],
+)
+def test_validate_false_keeps_the_checks_that_read_no_data(change, error, match):
+    k, v = make_kv(2, 2, 45, 64, torch.float32)
+    arguments = dict(k=k, v=v, chunk_idx=random_chunks(2, 2, 4, 2), chunk_size=10, tail_start=40)
+    with pytest.raises(error, match=match):
+        ops.gather_chunks(**{**arguments, **change(arguments)}, validate=False)
+
+
+def test_validate_false_skips_the_data_check():
+    """An index in the tail's range (inside the keys, so the read stays in bounds) passes
+    unread and is gathered as given."""
+    k, v = make_kv(2, 2, 59, 64, torch.float32)
+    chunk_idx = torch.tensor([[[1, 4]] * 2] * 2, dtype=torch.int32)  # 4 chunks before the tail
+    with pytest.raises(ValueError, match="chunk_idx must lie in"):
+        ops.gather_chunks(k, v, chunk_idx, 10, 40)
+    k_out, v_out = ops.gather_chunks(k, v, chunk_idx, 10, 40, validate=False)
+    k_ref, v_ref = reference.gather_chunks(k, v, chunk_idx, 10, 40)
+    assert torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
 
 
 @pytest.mark.gpu

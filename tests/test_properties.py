@@ -8,6 +8,7 @@ both paths. Shapes stay small, since every interpreted launch is slow.
 """
 
 import contextlib
+import itertools
 import math
 from fractions import Fraction
 
@@ -155,23 +156,25 @@ def spec_sparse_decode(
     row_offset=None,
     chunk_counts=None,
 ):
-    """Decode over ``R(b, h)`` in float64, ``[B, Hq, D]``: exact softmax attention over the
-    retained positions, zeros where ``R`` is empty."""
+    """Decode over ``R(b, h)`` in float64, shaped like ``q``: exact softmax attention over the
+    retained positions, zeros where ``R`` is empty. With ``q [B, Hq, n, D]`` query ``i`` is the
+    token at ``seq_len - n + i``: it sees the chunks and the dense range up to itself."""
     q = q.detach().cpu().double()
-    if q.dim() == 4:
-        q = q[:, :, 0]
+    one_query = q.dim() == 3
+    q = q[:, :, None] if one_query else q
     k_cache, v_cache = k_cache.detach().cpu().double(), v_cache.detach().cpu().double()
-    B, Hq, D = q.shape
+    B, Hq, n, D = q.shape
     Hkv = k_cache.shape[1]
     g = Hq // Hkv
     scaling = D**-0.5 if scaling is None else scaling
-    out = torch.zeros(B, Hq, D, dtype=torch.float64)
-    for b in range(B):
+    out = torch.zeros(B, Hq, n, D, dtype=torch.float64)
+    for b, i in itertools.product(range(B), range(n)):
         tail = int(tail_start[b]) if isinstance(tail_start, torch.Tensor) else tail_start
         count = int(chunk_counts[b]) if chunk_counts is not None else chunk_idx.shape[2]
+        seq_len = int(seq_lens[b]) - n + 1 + i  # this query's own position, plus one
         for h in range(Hkv):
             chunks = [int(j) for j in chunk_idx[b, h, :count]]
-            positions = spec_positions(chunks, chunk_size, tail, int(seq_lens[b]))
+            positions = spec_positions(chunks, chunk_size, tail, seq_len)
             if not positions:
                 continue
             if slot_map is not None:
@@ -182,9 +185,9 @@ def spec_sparse_decode(
                 rows = [shift + p for p in positions]
                 keys, values = k_cache[b, h, rows], v_cache[b, h, rows]
             for hq in range(h * g, (h + 1) * g):
-                probs = torch.softmax(scaling * (keys @ q[b, hq]), dim=0)
-                out[b, hq] = probs @ values
-    return out
+                probs = torch.softmax(scaling * (keys @ q[b, hq, i]), dim=0)
+                out[b, hq, i] = probs @ values
+    return out[:, :, 0] if one_query else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +409,9 @@ def test_sparse_decode(path, data):
     B, Hkv, D, dtype, gen = c["batch"], c["kv_heads"], c["head_dim"], c["dtype"], c["generator"]
     Hq = Hkv * c["group"]
     chunk_size = draw(st.integers(1, 8), label="c")
+    queries = draw(st.integers(1, 3), label="queries")  # the newest tokens at once
     tails = [draw(st.integers(0, 30), label="tail_start") for _ in range(B)]
-    seq_lens = [tail + draw(st.integers(0, 6), label="dense tokens") for tail in tails]
+    seq_lens = [tail + draw(st.integers(queries - 1, 6), label="dense tokens") for tail in tails]
     min_chunks = min((t // chunk_size for t in tails), default=0)
     n_keep = draw(st.integers(0, min_chunks), label="n_keep")
     chunk_idx = torch.tensor(
@@ -441,9 +445,9 @@ def test_sparse_decode(path, data):
             offsets = [draw(st.integers(0, s_max - n), label="offset") for n in seq_lens]
             options["row_offset"] = torch.tensor(offsets, dtype=torch.int32)
         cache_shape = (B, Hkv, s_max, D)
-    q = random_tensor(gen, (B, Hq, D), dtype)
-    if draw(st.booleans(), label="4-D q"):
-        q = q[:, :, None]
+    q = random_tensor(gen, (B, Hq, queries, D), dtype)
+    if queries == 1 and not draw(st.booleans(), label="4-D q"):
+        q = q[:, :, 0]
     k_cache = random_tensor(gen, cache_shape, dtype)
     v_cache = random_tensor(gen, cache_shape, dtype)
     seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -464,7 +468,7 @@ def test_sparse_decode(path, data):
             num_splits=num_splits,
             **{name: moved(t, device) for name, t in options.items()},
         )
-    assert out.dtype == dtype and out.shape == (B, Hq, D)
+    assert out.dtype == dtype and out.shape == q.shape
     expected = spec_sparse_decode(
         q, k_cache, v_cache, chunk_idx, chunk_size, tail_start, seq_lens, **options
     )

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import reference
-from .ops.kernels.decode_select import select_decode_chunks
+from .ops.kernels.decode_select import _chunk_bounds, select_decode_chunks
 from .ops.kernels.gather import _gather_chunks
 from .ops.kernels.sparse_decode import sparse_decode
 from .policies.base import Policy, ScoreReduce, Selection, kept_length, select_prompt
@@ -268,7 +268,7 @@ def dynamic_layer(key, value, pads, budgets, chunk_size: int, window: int) -> Co
     kmax = key.new_zeros(B, key.shape[1], n_max, key.shape[3])
     for row, (pad, (_, tail, _)) in enumerate(zip(pads, rows)):
         n = tail // chunk_size
-        kmin[row, :, :n], kmax[row, :, :n] = reference.chunk_bounds(
+        kmin[row, :, :n], kmax[row, :, :n] = _chunk_bounds(
             key[row : row + 1, :, pad:], chunk_size, n
         )
     device = key.device

@@ -12,6 +12,9 @@
   torch reference need no lock.
 * ``TRITON_CHUNKKV_ONE_CONFIG=1`` launches each kernel's first config without tuning (one
   compile per kernel variant: the GPU tests), and :meth:`TunedKernel.forcing` one given config.
+* Every op is also a registered PyTorch operator (``torch.ops.triton_chunkkv.<op>``,
+  :mod:`.library`). An op's unchecked dispatcher calls that operator when something traces or
+  records it (:func:`call_directly` is False) and its implementation directly otherwise.
 """
 
 from __future__ import annotations
@@ -51,6 +54,30 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     """Whether a kernel upcasts its ``tl.dot`` operands (the ``DOT_IN_FP32`` constexpr): the
     interpreter's ``tl.dot`` returns garbage on bf16 operands."""
     return interpreting() and dtype == torch.bfloat16
+
+
+# torch's Python dispatch-mode stack (FakeTensorMode, make_fx's proxy mode, functionalization):
+# private, so an op takes its registered operator whenever the stack cannot be read.
+_dispatch_mode_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def call_directly(*tensors) -> bool:
+    """Whether an op may call its implementation directly rather than its registered operator
+    (:mod:`.library`): True in plain eager mode, where the operator would only add the
+    dispatcher's cost (2 to 5 us a call, ``docs/DESIGN.md``); False while ``torch.compile`` /
+    ``torch.export`` traces, under a dispatch mode (fake tensors, ``make_fx``), while the
+    profiler records (so traces name the op), or when a tensor argument is a subclass.
+
+    Both routes run the same implementation: the answer changes how an op is seen, never what
+    it computes."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if _dispatch_mode_depth is None or _dispatch_mode_depth():
+        return False
+    for tensor in tensors:
+        if tensor is not None and type(tensor) is not torch.Tensor:
+            return False
+    return True
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_chunking, check_tensor
-from .._runtime import bucket, empty_output, tuned, use_triton
+from .._runtime import bucket, call_directly, empty_output, tuned, use_triton
 
 # Chunk positions are read in tiles of at most this many columns (a chunk of 10 reads 16).
 MAX_CHUNK_BLOCK = 64
@@ -23,9 +23,18 @@ def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
 
 
 def _chunk_sum(scores, chunk_size, window) -> torch.Tensor:
-    """Unchecked dispatch: the Triton kernel or the reference."""
+    """Unchecked dispatch: the operator ``triton_chunkkv::chunk_sum`` (:mod:`..library`), or
+    its implementation directly in plain eager mode."""
+    if call_directly(scores):
+        return chunk_sum_impl(scores, chunk_size, window)
+    return torch.ops.triton_chunkkv.chunk_sum.default(scores, chunk_size, window)
+
+
+def chunk_sum_impl(scores, chunk_size, window) -> torch.Tensor:
+    """The operator's implementation: the Triton kernel or the reference."""
     if not use_triton(scores):
-        return reference.chunk_sum(scores, chunk_size, window)
+        # Contiguous, as the operator's fake says (one-token chunks of strided scores are not).
+        return reference.chunk_sum(scores, chunk_size, window).contiguous()
     B, H, T = scores.shape
     num_chunks = reference.tail_start(T, chunk_size, window) // chunk_size
     out = empty_output((B, H, num_chunks), torch.float32, scores.device)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_dim, check_gqa, check_int, check_same, check_tensor
-from .._runtime import bucket, dot_in_fp32, empty_output, tuned, use_triton
+from .._runtime import bucket, call_directly, dot_in_fp32, empty_output, tuned, use_triton
 from .select_chunks import _select_chunks
 
 # tl.dot needs M >= 16: the g query heads of a KV head are padded up to it.
@@ -35,7 +35,22 @@ def chunk_bounds(k, chunk_size: int, num_chunks: int):
         raise ValueError(
             f"num_chunks * chunk_size = {num_chunks * chunk_size} exceeds the {k.shape[2]} keys"
         )
-    return reference.chunk_bounds(k, chunk_size, num_chunks)
+    return _chunk_bounds(k, chunk_size, num_chunks)
+
+
+def _chunk_bounds(k, chunk_size: int, num_chunks: int):
+    """Unchecked dispatch: the operator ``triton_chunkkv::chunk_bounds`` (:mod:`..library`), or
+    its implementation directly in plain eager mode."""
+    if call_directly(k):
+        return chunk_bounds_impl(k, chunk_size, num_chunks)
+    return torch.ops.triton_chunkkv.chunk_bounds.default(k, chunk_size, num_chunks)
+
+
+def chunk_bounds_impl(k, chunk_size: int, num_chunks: int):
+    """The operator's implementation: torch's min and max on every device (two reductions over
+    the chunked keys, no kernel of its own)."""
+    kmin, kmax = reference.chunk_bounds(k, chunk_size, num_chunks)
+    return kmin.contiguous(), kmax.contiguous()
 
 
 def decode_chunk_scores(q, kmin, kmax, *, chunk_counts=None, validate=True) -> torch.Tensor:
@@ -98,9 +113,17 @@ def _top_chunks(scores, n_keep: int, keep_counts) -> torch.Tensor:
 
 
 def _decode_chunk_scores(q, kmin, kmax, chunk_counts) -> torch.Tensor:
-    """Unchecked dispatch: the Triton kernel or the reference."""
+    """Unchecked dispatch: the operator ``triton_chunkkv::decode_chunk_scores``
+    (:mod:`..library`), or its implementation directly in plain eager mode."""
+    if call_directly(q, kmin, kmax, chunk_counts):
+        return decode_chunk_scores_impl(q, kmin, kmax, chunk_counts)
+    return torch.ops.triton_chunkkv.decode_chunk_scores.default(q, kmin, kmax, chunk_counts)
+
+
+def decode_chunk_scores_impl(q, kmin, kmax, chunk_counts) -> torch.Tensor:
+    """The operator's implementation: the Triton kernel or the reference."""
     if not use_triton(q):
-        return reference.decode_chunk_scores(q, kmin, kmax, chunk_counts=chunk_counts)
+        return reference.decode_chunk_scores(q, kmin, kmax, chunk_counts=chunk_counts).contiguous()
     B, Hq, D = q.shape
     _, Hkv, n, _ = kmin.shape
     out = empty_output((B, Hkv, n), torch.float32, q.device)

@@ -14,30 +14,40 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._checks import check_int, check_key_value, check_same, check_tensor
-from .._runtime import bucket, empty_output, tuned, use_triton
+from .._checks import check_bool, check_int, check_key_value, check_same, check_tensor
+from .._runtime import bucket, call_directly, empty_output, tuned, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks) -> None:
+def check_chunk_idx(chunk_idx, batch, num_kv_heads, num_chunks, data=True) -> None:
+    """``chunk_idx``'s type and shape; with ``data``, also its values (two host syncs)."""
     check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     if tuple(chunk_idx.shape[:2]) != (batch, num_kv_heads):
         raise ValueError(
             f"chunk_idx must have shape [{batch}, {num_kv_heads}, n_keep], got "
             f"{tuple(chunk_idx.shape)}"
         )
-    if chunk_idx.numel() and (int(chunk_idx.min()) < 0 or int(chunk_idx.max()) >= num_chunks):
-        raise ValueError(
-            f"chunk_idx must lie in [0, {num_chunks}) (the chunks before "
-            f"tail_start), got values in [{int(chunk_idx.min())}, "
-            f"{int(chunk_idx.max())}]"
-        )
+    if data and chunk_idx.numel():
+        low, high = int(chunk_idx.min()), int(chunk_idx.max())
+        if low < 0 or high >= num_chunks:
+            raise ValueError(
+                f"chunk_idx must lie in [0, {num_chunks}) (the chunks before "
+                f"tail_start), got values in [{low}, {high}]"
+            )
 
 
-def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
+def gather_chunks(k, v, chunk_idx, chunk_size, tail_start, *, validate=True):
     """``(k_out, v_out)``, each ``[B, Hkv, n_keep * c + T - tail_start, D]`` contiguous:
-    chunk ``chunk_idx[..., 0]``, ..., then ``[tail_start, T)``, in that order."""
+    chunk ``chunk_idx[..., 0]``, ..., then ``[tail_start, T)``, in that order.
+
+    Every argument's type, shape, dtype and device is checked (no host sync); ``validate``
+    also checks that the indices lie in ``[0, tail_start // chunk_size)``, which reads them on
+    the host. ``validate=False`` skips that data check only, so the call can be compiled with
+    ``torch.compile(fullgraph=True)`` or captured in a CUDA graph; a bad index then reads
+    wrong or out-of-bounds memory.
+    """
+    check_bool("validate", validate)
     check_key_value("k", k, "v", v, 4)
     check_tensor("chunk_idx", chunk_idx, 3, dtypes=INDEX_DTYPES)
     check_same("device", k=k, v=v, chunk_idx=chunk_idx)
@@ -46,14 +56,23 @@ def gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
     B, Hkv, T, D = k.shape
     if tail_start > T:
         raise ValueError(f"tail_start must be <= the sequence length {T}, got {tail_start}")
-    check_chunk_idx(chunk_idx, B, Hkv, tail_start // chunk_size)
+    check_chunk_idx(chunk_idx, B, Hkv, tail_start // chunk_size, data=validate)
     return _gather_chunks(k, v, chunk_idx, chunk_size, tail_start)
 
 
 def _gather_chunks(k, v, chunk_idx, chunk_size, tail_start):
-    """Unchecked dispatch: the Triton kernel or the reference."""
+    """Unchecked dispatch: the operator ``triton_chunkkv::gather_chunks`` (:mod:`..library`),
+    or its implementation directly in plain eager mode."""
+    if call_directly(k, v, chunk_idx):
+        return gather_chunks_impl(k, v, chunk_idx, chunk_size, tail_start)
+    return torch.ops.triton_chunkkv.gather_chunks.default(k, v, chunk_idx, chunk_size, tail_start)
+
+
+def gather_chunks_impl(k, v, chunk_idx, chunk_size, tail_start):
+    """The operator's implementation: the Triton kernel or the reference."""
     if not use_triton(k):
-        return reference.gather_chunks(k, v, chunk_idx, chunk_size, tail_start)
+        k_out, v_out = reference.gather_chunks(k, v, chunk_idx, chunk_size, tail_start)
+        return k_out.contiguous(), v_out.contiguous()
     B, Hkv, T, D = k.shape
     n_keep = chunk_idx.shape[2]
     out_len = n_keep * chunk_size + T - tail_start

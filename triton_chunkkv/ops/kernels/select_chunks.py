@@ -10,6 +10,7 @@ import torch
 
 from .. import reference
 from .._checks import check_bool, check_int, check_tensor
+from .._runtime import call_directly
 
 
 def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
@@ -24,5 +25,13 @@ def select_chunks(chunk_scores, n_keep, *, share_heads=False) -> torch.Tensor:
 
 
 def _select_chunks(chunk_scores, n_keep, share_heads) -> torch.Tensor:
-    """Unchecked dispatch: a stable sort in torch on every device."""
-    return reference.select_chunks(chunk_scores, n_keep, share_heads=share_heads)
+    """Unchecked dispatch: the operator ``triton_chunkkv::select_chunks`` (:mod:`..library`), or
+    its implementation directly in plain eager mode."""
+    if call_directly(chunk_scores):
+        return select_chunks_impl(chunk_scores, n_keep, share_heads)
+    return torch.ops.triton_chunkkv.select_chunks.default(chunk_scores, n_keep, share_heads)
+
+
+def select_chunks_impl(chunk_scores, n_keep, share_heads) -> torch.Tensor:
+    """The operator's implementation: a stable sort in torch on every device."""
+    return reference.select_chunks(chunk_scores, n_keep, share_heads=share_heads).contiguous()

@@ -38,6 +38,7 @@ from .._checks import (
 )
 from .._runtime import (
     bucket,
+    call_directly,
     dot_in_fp32,
     empty_output,
     launch_lock,
@@ -308,8 +309,10 @@ def check_sparse_decode_inputs(
     slot_map,
     row_offset,
     chunk_counts,
+    data=True,
 ) -> None:
-    """Ranks, shapes, dtypes and devices (no sync), then the data checks (these sync)."""
+    """Ranks, shapes, dtypes and devices (no sync), then, with ``data``, the data checks (these
+    sync)."""
     if isinstance(q, torch.Tensor) and q.dim() == 4:
         check_tensor("q", q, 4)
         check_nonempty("q", q, {2: "query length (dim 2 of [B, Hq, n, D])"})
@@ -377,6 +380,8 @@ def check_sparse_decode_inputs(
     ):
         if t is not None:
             check_dim(name, t.shape[0], B, "length")
+    if not data:
+        return
 
     check_retained_sets(
         k_cache,
@@ -536,14 +541,16 @@ def sparse_decode(
         chunk_counts: int32 ``[B]``: row ``b`` uses only ``chunk_idx[b, :, :chunk_counts[b]]``
             (rows keep different numbers of chunks); later entries are ignored.
         validate: check shapes, dtypes, devices and the index data (this syncs with the host).
-            ``False`` skips every check so the call can be captured in a CUDA graph; bad
-            indices then read wrong or out-of-bounds memory.
+            ``False`` skips every check so the call can be captured in a CUDA graph or compiled
+            with ``torch.compile(fullgraph=True)``; bad indices then read wrong or
+            out-of-bounds memory. While ``torch.compile`` traces, ``False`` still runs the
+            checks that read no data: they cost nothing once compiled.
 
     Returns:
         ``[B, Hq, D]`` (or ``[B, Hq, n, D]``, like ``q``) in ``q``'s dtype.
     """
     check_bool("validate", validate)  # no sync: a plain Python check
-    if validate:
+    if validate or torch.compiler.is_compiling():
         check_sparse_decode_inputs(
             q,
             k_cache,
@@ -557,6 +564,7 @@ def sparse_decode(
             slot_map,
             row_offset,
             chunk_counts,
+            data=validate,
         )
     return _sparse_decode(
         q,
@@ -588,7 +596,60 @@ def _sparse_decode(
     row_offset,
     chunk_counts,
 ) -> torch.Tensor:
-    """Unchecked dispatch: the Triton kernels or the reference."""
+    """Unchecked dispatch: the operator ``triton_chunkkv::sparse_decode`` (:mod:`..library`), or
+    its implementation directly in plain eager mode. The operator's schema cannot say "int or
+    tensor": ``tail_start`` travels as an int plus an optional ``[B]`` tensor."""
+    tail_is_tensor = isinstance(tail_start, torch.Tensor)
+    tail_tensor = tail_start if tail_is_tensor else None
+    tensors = (q, k_cache, v_cache, chunk_idx, seq_lens, tail_tensor, slot_map, row_offset)
+    if call_directly(*tensors, chunk_counts):
+        return sparse_decode_impl(
+            q,
+            k_cache,
+            v_cache,
+            chunk_idx,
+            chunk_size,
+            tail_start,
+            seq_lens,
+            scaling,
+            num_splits,
+            slot_map,
+            row_offset,
+            chunk_counts,
+        )
+    return torch.ops.triton_chunkkv.sparse_decode.default(
+        q,
+        k_cache,
+        v_cache,
+        chunk_idx,
+        chunk_size,
+        0 if tail_is_tensor else tail_start,
+        tail_tensor,
+        seq_lens,
+        scaling,
+        num_splits,
+        slot_map,
+        row_offset,
+        chunk_counts,
+    )
+
+
+def sparse_decode_impl(
+    q,
+    k_cache,
+    v_cache,
+    chunk_idx,
+    chunk_size,
+    tail_start,
+    seq_lens,
+    scaling,
+    num_splits,
+    slot_map,
+    row_offset,
+    chunk_counts,
+) -> torch.Tensor:
+    """The operator's implementation: the Triton kernels or the reference (``tail_start`` an
+    int or a ``[B]`` tensor)."""
     if not use_triton(q):
         return reference.sparse_decode(
             q,
@@ -602,7 +663,7 @@ def _sparse_decode(
             slot_map=slot_map,
             row_offset=row_offset,
             chunk_counts=chunk_counts,
-        )
+        ).contiguous()
     one_query = q.dim() == 3
     q4 = q[:, :, None] if one_query else q  # [B, Hq, n, D]
     B, Hq, n, D = q4.shape

@@ -33,7 +33,15 @@ from .._checks import (
     check_scaling,
     check_tensor,
 )
-from .._runtime import bucket, dot_in_fp32, empty_output, multiprocessor_count, tuned, use_triton
+from .._runtime import (
+    bucket,
+    call_directly,
+    dot_in_fp32,
+    empty_output,
+    multiprocessor_count,
+    tuned,
+    use_triton,
+)
 
 # Pass 1 wants a few programs per SM; each split then covers at least this many keys, because a
 # split adds g * w statistics to merge.
@@ -98,11 +106,19 @@ def window_scores(q_obs, k, *, key_mask=None, scaling=None, pool_kernel=1) -> to
 
 
 def _window_scores(q_obs, k, key_mask, scaling, pool_kernel) -> torch.Tensor:
-    """Unchecked dispatch: the Triton kernel or the reference."""
+    """Unchecked dispatch: the operator ``triton_chunkkv::window_scores`` (:mod:`..library`),
+    or its implementation directly in plain eager mode."""
+    if call_directly(q_obs, k, key_mask):
+        return window_scores_impl(q_obs, k, key_mask, scaling, pool_kernel)
+    return torch.ops.triton_chunkkv.window_scores.default(q_obs, k, key_mask, scaling, pool_kernel)
+
+
+def window_scores_impl(q_obs, k, key_mask, scaling, pool_kernel) -> torch.Tensor:
+    """The operator's implementation: the Triton kernel or the reference."""
     if not use_triton(k):
         return reference.window_scores(
             q_obs, k, key_mask=key_mask, scaling=scaling, pool_kernel=pool_kernel
-        )
+        ).contiguous()
     return reference.pool_scores(window_scores_triton(q_obs, k, key_mask, scaling), pool_kernel)
 
 
