@@ -29,6 +29,13 @@ outside the graph into fixed buffers (:meth:`ChunkKVAttnBackend.init_cuda_graph_
 every captured step runs ``sparse_decode(validate=False)`` on them (a dense row reads
 ``[0, seq_len)``).
 
+Dynamic mode (``CHUNKKV_MODE=dynamic``): at that same moment every layer stores the per-chunk key
+bounds of the request's whole prompt chunks before its SPEC tail (``ops.chunk_bounds`` of its own
+keys) in :class:`.tables.RowBounds`, and every decode step, per layer, scores the batch's rows of
+those bounds with its own query and keeps each KV head's best chunks
+(``ops.select_decode_chunks``, as many as SPEC step 5 gives for the budget) before the same
+``sparse_decode``: the selection runs inside the decode graph, on fixed-size tables.
+
 Memory: with ``share_heads`` and ``reuse_layers`` >= the layer count, a request keeps one token
 set for every head and layer, so its dropped slots go back to the allocator right after its
 selection and their ``req_to_token`` entries are pointed at SGLang's padding slot 0 (never read:
