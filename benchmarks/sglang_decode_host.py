@@ -5,12 +5,15 @@
 What the backend adds to every decode step before the attention kernels run: gathering the
 batch's kept chunks, chunk counts, tail starts and ``req_to_token`` rows (``_prepare_decode``,
 the eager path), and the same into the CUDA-graph buffers (``init_forward_metadata_out_graph``,
-before a graph replay). A SmolLM2-shaped model (30 layers, 9 query heads, 3 KV heads, head dim
-64, float16), ``batch`` requests of ``prompt`` tokens at ratio 0.2, every layer selecting; the
-batch is built by the SGLang test harness (``tests/sglang/sglang_harness.py``: SGLang's own
-pools and ``ForwardBatch``). SGLang's Triton metadata and kernels are not run (on a CPU they
-need the interpreter, which would time the interpreter): prefill only writes the pools, and
-selection runs the policies' torch reference. Prints the median of ``--steps`` calls.
+before a graph replay). Dynamic mode (``CHUNKKV_MODE=dynamic``) gathers each row's chunk and
+keep counts and tail start instead, and its request-pool rows for the bounds gathers that run
+per layer with the selection (inside the graph: not host time there). A SmolLM2-shaped model
+(30 layers, 9 query heads, 3 KV heads, head dim 64, float16), ``batch`` requests of ``prompt``
+tokens at ratio 0.2, every layer selecting; the batch is built by the SGLang test harness
+(``tests/sglang/sglang_harness.py``: SGLang's own pools and ``ForwardBatch``). SGLang's Triton
+metadata and kernels are not run (on a CPU they need the interpreter, which would time the
+interpreter): prefill only writes the pools, and selection (or the bounds) runs the torch
+reference. Prints the median of ``--steps`` calls, per mode.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -28,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build(batch: int, layers: int, prompt: int):
-    """A backend (settings from the ``CHUNKKV_*`` variables) holding ``batch`` prefilled
-    requests, and their next decode batch; SGLang's runtime config must be published."""
+def build(batch: int, layers: int, prompt: int, mode: str = "sparse"):
+    """A backend (settings from the ``CHUNKKV_*`` variables, its mode from ``mode``) holding
+    ``batch`` prefilled requests, and their next decode batch; SGLang's runtime config must be
+    published."""
     sys.path.insert(0, str(ROOT / "tests" / "sglang"))
     from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
     from sglang_harness import Harness
@@ -52,7 +57,8 @@ def build(batch: int, layers: int, prompt: int):
         max_context=prompt + 64,
         num_slots=batch * (prompt + 64),
     )
-    backend = harness.backend("chunkkv")
+    with mock.patch.dict(os.environ, CHUNKKV_MODE=mode):
+        backend = harness.backend("chunkkv")
     harness.add_requests([prompt] * batch)
     with (
         mock.patch.object(TritonAttnBackend, "init_forward_metadata", lambda self, batch: None),
@@ -85,13 +91,17 @@ def main(argv=None) -> None:
     get_parallel().override_permanently(tp_rank=0, attn_tp_rank=0, attn_dcp_rank=0)
     os.environ["CHUNKKV_RATIO"] = "0.2"
     torch.set_num_threads(1)
-    backend, batch = build(args.batch, args.layers, args.prompt)
-    eager = median_us(lambda: backend._prepare_decode(batch), args.steps)
-    print(f"batch {args.batch}, {args.layers} layer groups, prompt {args.prompt}, 1 torch thread")
-    print(f"eager decode metadata (_prepare_decode): {eager:.1f} us per step")
-    backend.init_cuda_graph_state(args.batch, args.batch)
-    graph = median_us(lambda: backend.init_forward_metadata_out_graph(batch), args.steps)
-    print(f"CUDA-graph replay fill (init_forward_metadata_out_graph): {graph:.1f} us per step")
+    print(f"batch {args.batch}, {args.layers} layers, prompt {args.prompt}, 1 torch thread")
+    for mode in ("sparse", "dynamic"):
+        backend, batch = build(args.batch, args.layers, args.prompt, mode)
+        eager = median_us(partial(backend._prepare_decode, batch), args.steps)
+        print(f"{mode}: eager decode metadata (_prepare_decode): {eager:.1f} us per step")
+        backend.init_cuda_graph_state(args.batch, args.batch)
+        graph = median_us(partial(backend.init_forward_metadata_out_graph, batch), args.steps)
+        print(
+            f"{mode}: CUDA-graph replay fill (init_forward_metadata_out_graph): "
+            f"{graph:.1f} us per step"
+        )
 
 
 if __name__ == "__main__":

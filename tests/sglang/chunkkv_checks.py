@@ -79,3 +79,44 @@ def assert_decodes_as_spec(harness, outputs, request, **selection):
     for layer in range(harness.num_layers):
         expected, _ = expected_decode(harness, request, layer, **selection)
         torch.testing.assert_close(outputs[layer][request], expected, atol=2e-3, rtol=2e-3)
+
+
+def expected_dynamic_decode(harness, request, layer, *, budget=None, ratio=None):
+    """Dynamic mode, in float64 from the request's own prompt keys and this step's query: each
+    whole chunk before the SPEC tail gets per-dimension key bounds, each KV head keeps the
+    ``n_keep`` chunks (SPEC step 5) whose largest bound over its query heads,
+    ``sum_d max(q_d kmin_d, q_d kmax_d)``, is highest (ties: the lower index), then exact
+    attention over them and ``[tail_start, seq_len)``. A prompt that fits the budget or the
+    window, or has no whole chunk before its tail, is read whole.
+
+    Returns the output ``[Hq*D]`` and the kept chunks ``[Hkv, n_keep]`` (ascending; ``None``
+    when the prompt is read whole)."""
+    prompt_len = harness.prompt_lens[request]
+    keys = harness.seen(harness.keys, layer, request).double()  # [Hkv, S, D]
+    values = harness.seen(harness.values, layer, request).double()
+    query = harness.seen(harness.queries, layer, request)[:, -1].double()  # [Hq, D]
+    (num_kv, seq_len, dim), num_q = keys.shape, query.shape[0]
+    group = num_q // num_kv
+    limit = reference.resolve_budget(prompt_len, budget, ratio)
+    tail_start = CHUNK * ((prompt_len - WINDOW) // CHUNK)
+    retained = torch.ones(num_kv, seq_len, dtype=torch.bool)
+    top = None
+    if limit < prompt_len and prompt_len >= WINDOW and tail_start > 0:
+        n = tail_start // CHUNK
+        n_keep = min(max((limit - (prompt_len - tail_start)) // CHUNK, 0), n)
+        chunks = keys[:, :tail_start].reshape(num_kv, n, CHUNK, dim)
+        kmin, kmax = chunks.amin(dim=2), chunks.amax(dim=2)  # [Hkv, n, D]
+        q = query.view(num_kv, group, 1, dim)
+        bound = torch.maximum(q * kmin[:, None], q * kmax[:, None]).sum(-1)  # [Hkv, g, n]
+        order = torch.sort(bound.amax(dim=1), dim=-1, descending=True, stable=True).indices
+        top = order[:, :n_keep].sort(dim=-1).values
+        retained[:, :tail_start] = False
+        for head in range(num_kv):
+            for chunk in top[head].tolist():
+                retained[head, chunk * CHUNK : (chunk + 1) * CHUNK] = True
+    keys = keys.repeat_interleave(group, dim=0)
+    values = values.repeat_interleave(group, dim=0)
+    logits = torch.einsum("hd,htd->ht", query, keys) * dim**-0.5
+    logits = logits.masked_fill(~retained.repeat_interleave(group, dim=0), float("-inf"))
+    out = torch.einsum("ht,htd->hd", torch.softmax(logits, dim=-1), values)
+    return out.reshape(-1).to(harness.dtype), top

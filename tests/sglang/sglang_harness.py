@@ -254,12 +254,13 @@ class Harness:
         out_cache_loc = self._write_slots([1] * len(self.rows))
         return self._batch(ForwardMode.DECODE, [1] * len(self.rows), out_cache_loc)
 
-    def decode(self, backends):
+    def decode(self, backends, qkv=None):
         """One decode step; every backend in ``backends`` runs on the same batch and cache
         (each writes the same new key and value). Returns each one's ``[B, Hq*D]`` per layer;
-        the step's batch, queries, keys and values stay in :attr:`last_decode`."""
+        the step's batch, queries, keys and values stay in :attr:`last_decode`. ``qkv``: the
+        step's queries, keys and values (default: random)."""
         batch = self.decode_batch()
-        q, k, v = self._random_qkv(len(self.rows))
+        q, k, v = self._random_qkv(len(self.rows)) if qkv is None else qkv
         outputs = []
         for backend in backends:
             backend.init_forward_metadata(batch)

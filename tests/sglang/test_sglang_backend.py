@@ -5,6 +5,7 @@ interpreter. Prompts have different, odd lengths, some prefilled in two chunks, 
 slots are shuffled, so positions and slots never coincide.
 """
 
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -292,8 +293,9 @@ def test_the_decode_host_time_benchmark_runs(sglang_runtime, monkeypatch):
 
     clear_settings(monkeypatch)
     monkeypatch.setenv("CHUNKKV_RATIO", "0.5")
-    backend, batch = build(batch=2, layers=2, prompt=48)
-    assert backend.stats["requests_compressed"] == 2
-    assert median_us(lambda: backend._prepare_decode(batch), steps=3) > 0
-    backend.init_cuda_graph_state(2, 2)
-    assert median_us(lambda: backend.init_forward_metadata_out_graph(batch), steps=3) > 0
+    for mode in ("sparse", "dynamic"):
+        backend, batch = build(batch=2, layers=2, prompt=48, mode=mode)
+        assert backend.settings.mode == mode and backend.stats["requests_compressed"] == 2
+        assert median_us(partial(backend._prepare_decode, batch), steps=3) > 0
+        backend.init_cuda_graph_state(2, 2)
+        assert median_us(partial(backend.init_forward_metadata_out_graph, batch), steps=3) > 0

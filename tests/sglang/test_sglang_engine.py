@@ -10,7 +10,9 @@ through the installed entry point, as in a server.
 Prompts: ``long``, the 394-token pass-key prompt (four prefill chunks; its observation window
 spans the last two), and ``short``, a 60-token text. The ``chunkkv`` engine keeps
 ``floor(0.2 * 394)`` tokens per KV head: the long prompt is compressed exactly as at ratio 0.2,
-the short one fits the budget. Its report (``get_server_info()``) holds every retained set.
+the short one fits the budget. Its report (``get_server_info()``) holds every retained set. A
+third Engine runs the same budget with ``CHUNKKV_MODE=dynamic``: ``long`` alone, then ``long``
+and ``short`` in one batch.
 """
 
 import json
@@ -94,10 +96,11 @@ def prompts(small_model):
     return prompts
 
 
-def serve(model, backend, prompts, steps, workdir, **settings):
+def serve(model, backend, prompts, steps, workdir, *, name=None, **settings):
     """One Engine: each step one ``generate`` call (a batch when it names several prompts)."""
-    spec = workdir / f"{backend}-spec.json"
-    result = workdir / f"{backend}-result.json"
+    name = name or backend
+    spec = workdir / f"{name}-spec.json"
+    result = workdir / f"{name}-result.json"
     spec.write_text(
         json.dumps(
             {
@@ -129,15 +132,15 @@ def serve(model, backend, prompts, steps, workdir, **settings):
         except subprocess.TimeoutExpired:
             os.killpg(engine.pid, signal.SIGKILL)
             log, _ = engine.communicate()
-            pytest.fail(f"the {backend} Engine ran past {ENGINE_TIMEOUT} s:\n{log[-6000:]}")
-    assert engine.returncode == 0, f"the {backend} Engine failed:\n{log[-8000:]}"
+            pytest.fail(f"the {name} Engine ran past {ENGINE_TIMEOUT} s:\n{log[-6000:]}")
+    assert engine.returncode == 0, f"the {name} Engine failed:\n{log[-8000:]}"
     return json.loads(result.read_text())
 
 
 @pytest.fixture(scope="module")
 def served(small_model, prompts, tmp_path_factory):
     """The triton Engine, then the chunkkv one: ``long`` twice (the second run from the radix
-    cache), ``short`` alone, then both in one batch."""
+    cache), ``short`` alone, then both in one batch; then the dynamic-mode one."""
     workdir = tmp_path_factory.mktemp("engines")
     triton = serve(small_model, "triton", prompts, [["short"]], workdir)
     budget = math.floor(RATIO * len(prompts["long"]))
@@ -150,7 +153,18 @@ def served(small_model, prompts, tmp_path_factory):
         budget=budget,
         record_selections=8,
     )
-    return triton, chunkkv
+    dynamic = serve(
+        small_model,
+        "chunkkv",
+        prompts,
+        [["long"], ["long", "short"]],
+        workdir,
+        name="dynamic",
+        budget=budget,
+        mode="dynamic",
+        record_selections=8,
+    )
+    return triton, chunkkv, dynamic
 
 
 def outputs(result, prompt):
@@ -159,7 +173,7 @@ def outputs(result, prompt):
 
 
 def test_a_prompt_within_the_budget_gives_the_triton_backends_tokens(served):
-    triton, chunkkv = served
+    triton, chunkkv, _ = served
     (reference,) = outputs(triton, "short")
     alone = outputs(chunkkv, "short")[0]
     assert alone["output_ids"] == reference["output_ids"]
@@ -177,7 +191,7 @@ def test_the_long_prompt_selects_what_the_projects_selection_path_selects(
 
     from triton_chunkkv.integrations.hf import chunkkv as hf_chunkkv
 
-    _, chunkkv = served
+    _, chunkkv, _ = served
     report = chunkkv["chunkkv"]
     first = outputs(chunkkv, "long")[0]
     prompt_len = len(prompts["long"])
@@ -200,7 +214,7 @@ def test_the_long_prompt_selects_what_the_projects_selection_path_selects(
 def test_the_same_prompt_from_the_radix_cache_reproduces_it(served, prompts):
     """The second run is served from the radix cache up to the observation window (the
     plugin's cap), and gives the same tokens and retained sets."""
-    _, chunkkv = served
+    _, chunkkv, _ = served
     first, second = outputs(chunkkv, "long")[:2]
     assert second["cached_tokens"] == len(prompts["long"]) - WINDOW
     assert second["output_ids"] == first["output_ids"]
@@ -209,7 +223,7 @@ def test_the_same_prompt_from_the_radix_cache_reproduces_it(served, prompts):
 
 
 def test_a_batch_mixing_a_compressed_and_a_dense_request(served):
-    triton, chunkkv = served
+    triton, chunkkv, _ = served
     batched = chunkkv["steps"][-1]
     long, short = (out for out in batched)
     assert long["output_ids"] == outputs(chunkkv, "long")[0]["output_ids"]
@@ -217,3 +231,44 @@ def test_a_batch_mixing_a_compressed_and_a_dense_request(served):
     assert selections[long["rid"]] == selections[outputs(chunkkv, "long")[0]["rid"]]
     assert short["rid"] not in selections
     assert short["output_ids"] == outputs(triton, "short")[0]["output_ids"]
+
+
+def test_dynamic_mode_decodes_as_the_transformers_adapter_does(served, prompts, small_model):
+    """``CHUNKKV_MODE=dynamic``: the long prompt keeps bounds for its 36 chunks and every step
+    reads 4 of them plus the tail; its tokens are those of the transformers adapter's dynamic
+    mode at ratio 0.2 (greedy); the radix cache serves all but its last token the second time
+    (no cap: no prompt query is read), with the same tokens; the short one, in the same batch,
+    gives the triton backend's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from triton_chunkkv.integrations.hf import chunkkv as hf_chunkkv
+
+    triton, _, dynamic = served
+    report = dynamic["chunkkv"]
+    prompt_len = len(prompts["long"])
+    first, second = outputs(dynamic, "long")
+    (short,) = outputs(dynamic, "short")
+    assert report["settings"]["mode"] == "dynamic"
+    assert report["requests_compressed"] == 2 and report["requests_whole"] == 1
+    tail_start = 10 * ((prompt_len - WINDOW) // 10)
+    assert report["selections"][first["rid"]] == {
+        "prompt_len": prompt_len,
+        "budget": 78,
+        "chunk_size": 10,
+        "kept": [4 * 10 + prompt_len - tail_start] * LAYERS,
+        "mode": "dynamic",
+        "chunks": tail_start // 10,
+        "keep_chunks": 4,
+        "tail_start": tail_start,
+    }
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] == prompt_len - 1
+    assert second["output_ids"] == first["output_ids"]
+    assert short["output_ids"] == outputs(triton, "short")[0]["output_ids"]
+
+    model = AutoModelForCausalLM.from_pretrained(small_model, dtype=torch.float32).eval()
+    with hf_chunkkv(model, ratio=RATIO, mode="dynamic"), torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompts["long"]]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False
+        )
+    assert first["output_ids"] == generated[0, prompt_len:].tolist()

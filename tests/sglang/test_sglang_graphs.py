@@ -7,9 +7,11 @@ only the buffers' contents change. The runner's protocol (``DecodeCudaGraphRunne
 runner's fixed input buffers through ``init_forward_metadata_out_graph(in_capture=True)`` and
 the captured forward; per replay, the real batch padded into those buffers
 (``build_replay_fb_view``) through ``init_forward_metadata_out_graph`` and the replay. Here
-the "capture" records every ``sparse_decode`` launch's metadata tensors, and each "replay" runs
-the captured forward again after the out-of-graph fill: it must launch on exactly the recorded
-tensors and give the eager backend's outputs.
+the "capture" records every ``sparse_decode`` launch's metadata tensors (dynamic mode: also each
+layer's gather of the bounds tables and its ``select_decode_chunks`` launch, whose chunk indices
+are the graph's own intermediate), and each "replay" runs the captured forward again after the
+out-of-graph fill: it must launch on exactly the recorded tensors and give the eager backend's
+outputs.
 """
 
 import logging
@@ -17,31 +19,59 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from chunkkv_checks import assert_decodes_as_spec, chunkkv_backend, prefill
+from chunkkv_checks import (
+    CHUNK,
+    assert_decodes_as_spec,
+    chunkkv_backend,
+    expected_dynamic_decode,
+    prefill,
+)
 
 BUDGET = 40
 FILL = 1  # TritonAttnBackend.get_cuda_graph_seq_len_fill_value()
 
 
-def launch_signature(args, kwargs):
-    """What a captured sparse_decode launch reads besides the query: pointers and shapes."""
-    tensors = [args[1], args[2], args[3], args[5], args[6], kwargs["slot_map"]]
-    tensors.append(kwargs["chunk_counts"])
-    return [(t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors] + [args[4]]
+def pointers(*tensors):
+    return [(t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors]
 
 
 @pytest.fixture
 def recorded_launches(monkeypatch):
+    """What each captured launch reads besides the query (pointers and shapes), in order: the
+    bounds gathers and ``select_decode_chunks`` launches of dynamic mode, and ``sparse_decode``
+    (its chunk indices by pointer where they come from outside the graph, sparse mode)."""
     from triton_chunkkv.integrations.sglang import backend as backend_module
+    from triton_chunkkv.integrations.sglang.tables import RowBounds
 
     launches = []
-    run = backend_module.sparse_decode
+    run, select, gather = (
+        backend_module.sparse_decode,
+        backend_module.select_decode_chunks,
+        RowBounds.batch_bounds,
+    )
+    produced = set()  # chunk indices made inside the forward
 
-    def record(*args, **kwargs):
-        launches.append(launch_signature(args, kwargs))
+    def record_decode(*args, **kwargs):
+        chunk_idx = args[3]
+        index = [tuple(chunk_idx.shape)] if id(chunk_idx) in produced else pointers(chunk_idx)
+        tensors = [args[1], args[2], args[5], args[6], kwargs["slot_map"], kwargs["chunk_counts"]]
+        launches.append(["decode", *pointers(*tensors), *index, args[4]])
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(backend_module, "sparse_decode", record)
+    def record_select(q, kmin, kmax, n_keep, **kwargs):
+        counts = pointers(kwargs["keep_counts"], kwargs["chunk_counts"])
+        launches.append(["select", tuple(kmin.shape), tuple(kmax.shape), n_keep, *counts])
+        chunk_idx = select(q, kmin, kmax, n_keep, **kwargs)
+        produced.add(id(chunk_idx))
+        return chunk_idx
+
+    def record_gather(self, layer, rows, width):
+        launches.append(["bounds", layer, *pointers(self.kmin, self.kmax, rows), width])
+        return gather(self, layer, rows, width)
+
+    monkeypatch.setattr(backend_module, "sparse_decode", record_decode)
+    monkeypatch.setattr(backend_module, "select_decode_chunks", record_select)
+    monkeypatch.setattr(RowBounds, "batch_bounds", record_gather)
     return launches
 
 
@@ -80,16 +110,21 @@ def padded(x, max_bs):
     return torch.cat([x, x.new_zeros(max_bs - x.shape[0], *x.shape[1:])])
 
 
-def test_decode_graph_capture_and_replay(make_harness, monkeypatch, recorded_launches):
+@pytest.mark.parametrize("mode", ["sparse", "dynamic"])
+def test_decode_graph_capture_and_replay(make_harness, monkeypatch, recorded_launches, mode):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.model_executor.runner.decode_cuda_graph_runner import build_replay_fb_view
 
     max_bs = 4
     harness = make_harness()
-    graphed = chunkkv_backend(harness, monkeypatch, budget=BUDGET)
-    eager = chunkkv_backend(harness, monkeypatch, budget=BUDGET)
+    graphed = chunkkv_backend(harness, monkeypatch, budget=BUDGET, mode=mode)
+    eager = chunkkv_backend(harness, monkeypatch, budget=BUDGET, mode=mode)
     graphed.init_cuda_graph_state(max_bs, max_bs)
-    assert graphed.table.max_chunks == 2 * BUDGET // 4
+    if mode == "sparse":
+        assert graphed.table.max_chunks == 2 * BUDGET // CHUNK
+    else:  # every step scores every chunk a context-long prompt has, and reads L / c of them
+        assert graphed._graph.width == graphed.bounds.max_chunks
+        assert graphed._graph.n_keep == BUDGET // CHUNK
 
     # Capture, at start-up: no request yet.
     buffers = runner_buffers(max_bs)
@@ -101,7 +136,7 @@ def test_decode_graph_capture_and_replay(make_harness, monkeypatch, recorded_lau
             dummy_q[layer], dummy_k[layer], dummy_v[layer], harness.layers[layer], static, False
         )
     captured = list(recorded_launches)
-    assert len(captured) == harness.num_layers
+    assert len(captured) == harness.num_layers * (1 if mode == "sparse" else 3)
 
     # Serving: two compressed requests and a dense one, prefilled eagerly by both backends.
     lens = [103, 37, 61]
@@ -144,7 +179,12 @@ def test_decode_graph_capture_and_replay(make_harness, monkeypatch, recorded_lau
         for layer in range(harness.num_layers):
             torch.testing.assert_close(replayed[layer][:raw_bs], expected[layer])
         for request in range(raw_bs):
-            assert_decodes_as_spec(harness, replayed, request, budget=BUDGET)
+            if mode == "sparse":
+                assert_decodes_as_spec(harness, replayed, request, budget=BUDGET)
+                continue
+            for layer in range(harness.num_layers):
+                truth, _ = expected_dynamic_decode(harness, request, layer, budget=BUDGET)
+                torch.testing.assert_close(replayed[layer][request], truth, atol=2e-3, rtol=2e-3)
     assert graphed.requests[harness.rows[1]].compressed is False
 
 

@@ -7,8 +7,16 @@ allocates rows exactly as SGLang's ``release_kv_cache`` / ``ReqToTokenPool.alloc
 allocation is last-in first-out, so a freed row is the next one handed out.
 """
 
+from functools import partial
+
 import torch
-from chunkkv_checks import assert_decodes_as_spec, chunkkv_backend, expected_decode, prefill
+from chunkkv_checks import (
+    assert_decodes_as_spec,
+    chunkkv_backend,
+    expected_decode,
+    expected_dynamic_decode,
+    prefill,
+)
 
 BUDGET = 40
 
@@ -107,3 +115,56 @@ def test_flushing_the_cache_leaves_no_entry_behind(make_harness, monkeypatch):
     prefill(harness, chunkkv, [33, 21], chunked=False)
     assert harness.rows == rows
     assert_dense_like_triton(chunkkv, harness, triton)
+
+
+def test_dynamic_mode_a_reused_row_starts_fresh(make_harness, monkeypatch):
+    """Dynamic mode: a long request leaves its bounds on its row; the next one there, shorter,
+    reads its own (the old ones lie past its chunk count), and the one after it, within the
+    budget, decodes exactly like Triton with the row's counts back to zero."""
+    harness = make_harness()
+    chunkkv = chunkkv_backend(harness, monkeypatch, budget=BUDGET, mode="dynamic")
+    triton = harness.backend("triton")
+
+    make_batch = harness.decode_batch
+
+    def decode_batch(full_width):
+        batch = make_batch()
+        if full_width:
+            batch.rids = None
+        return batch
+
+    def assert_decodes_dynamically():
+        """Two steps; the second has no request ids, so it scores every chunk of the tables'
+        width as a graph does (the old request's bounds included, past the row's count)."""
+        for full_width in (False, True):
+            monkeypatch.setattr(harness, "decode_batch", partial(decode_batch, full_width))
+            (ours,) = harness.decode([chunkkv])
+            dynamic = chunkkv.requests[row].dynamic
+            width = chunkkv.bounds.max_chunks if full_width else dynamic.chunks
+            assert chunkkv._sparse_batch.width == width
+            for layer in range(harness.num_layers):
+                expected, top = expected_dynamic_decode(harness, 0, layer, budget=BUDGET)
+                assert top is not None
+                torch.testing.assert_close(ours[layer][0], expected, atol=2e-3, rtol=2e-3)
+        monkeypatch.setattr(harness, "decode_batch", make_batch)
+
+    prefill(harness, chunkkv, [203], chunked=False)
+    (row,) = harness.rows
+    assert_decodes_dynamically()
+    long_chunks = chunkkv.requests[row].dynamic.chunks
+    harness.release(0)  # finished
+
+    prefill(harness, chunkkv, [61], chunked=True)
+    assert harness.rows == [row]
+    state = chunkkv.requests[row]
+    assert state.rid == harness.rids[0] and state.dynamic.chunks < long_chunks
+    assert int(chunkkv.bounds.chunk_counts[row]) == state.dynamic.chunks
+    assert_decodes_dynamically()
+    harness.release(0)  # aborted mid-decode
+
+    prefill(harness, chunkkv, [33], chunked=False)  # fits the budget
+    assert harness.rows == [row]
+    for table in (chunkkv.bounds.chunk_counts, chunkkv.bounds.keep_counts, chunkkv.bounds.tails):
+        assert int(table[row]) == 0
+    assert_dense_like_triton(chunkkv, harness, triton)
+    assert not chunkkv._compressed_rids and not chunkkv._dynamic_chunks

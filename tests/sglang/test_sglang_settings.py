@@ -16,7 +16,15 @@ def test_defaults_keep_ten_percent():
         settings.window,
         settings.reuse_layers,
         settings.share_heads,
-    ) == (None, 0.1, 10, 32, 1, False)
+        settings.mode,
+    ) == (None, 0.1, 10, 32, 1, False, "sparse")
+
+
+def test_the_mode_comes_from_its_variable_or_the_file(tmp_path):
+    assert ChunkKVSettings.from_env({"CHUNKKV_MODE": "dynamic"}).mode == "dynamic"
+    config = tmp_path / "chunkkv.json"
+    config.write_text(json.dumps({"mode": "dynamic"}))
+    assert ChunkKVSettings.from_env({"CHUNKKV_CONFIG": str(config)}).mode == "dynamic"
 
 
 def test_variables_override_the_json_config(tmp_path):
@@ -46,6 +54,7 @@ def test_variables_override_the_json_config(tmp_path):
         ({"CHUNKKV_RATIO": "1.5"}, "ratio"),
         ({"CHUNKKV_CHUNK_SIZE": "0"}, "chunk_size"),
         ({"CHUNKKV_REUSE_LAYERS": "0"}, "reuse_layers"),
+        ({"CHUNKKV_MODE": "evict"}, "mode must be one of"),
         ({"CHUNKKV_BUDGET": "64", "CHUNKKV_RATIO": "0.1"}, "exactly one of budget and ratio"),
     ],
 )

@@ -29,6 +29,13 @@ outside the graph into fixed buffers (:meth:`ChunkKVAttnBackend.init_cuda_graph_
 every captured step runs ``sparse_decode(validate=False)`` on them (a dense row reads
 ``[0, seq_len)``).
 
+Dynamic mode (``CHUNKKV_MODE=dynamic``): at that same moment every layer stores the per-chunk key
+bounds of the request's whole prompt chunks before its SPEC tail (``ops.chunk_bounds`` of its own
+keys) in :class:`.tables.RowBounds`, and every decode step, per layer, scores the batch's rows of
+those bounds with its own query and keeps each KV head's best chunks
+(``ops.select_decode_chunks``, as many as SPEC step 5 gives for the budget) before the same
+``sparse_decode``: the selection runs inside the decode graph, on fixed-size tables.
+
 Memory: with ``share_heads`` and ``reuse_layers`` >= the layer count, a request keeps one token
 set for every head and layer, so its dropped slots go back to the allocator right after its
 selection and their ``req_to_token`` entries are pointed at SGLang's padding slot 0 (never read:
@@ -42,6 +49,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -49,18 +57,28 @@ from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.runtime_context import get_memory, get_parallel, get_schedule, get_spec
 
+from ...cache import chunk_grid
 from ...ops import reference
+from ...ops.kernels.decode_select import chunk_bounds, select_decode_chunks
 from ...ops.kernels.sparse_decode import sparse_decode
 from ...policies import Selection, kept_length, observation_window, resolve_budget, select_prompt
 from . import hooks
 from .settings import ChunkKVSettings
-from .tables import DecodeIndex, RowSelections
+from .tables import DecodeIndex, DynamicRows, RowBounds, RowSelections
 
 logger = logging.getLogger(__name__)
 
 # SGLang's token allocators never hand out slot 0: padded tokens write there.
 PADDING_SLOT = 0
 KV_CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class DynamicPlan(NamedTuple):
+    """Dynamic mode: what a compressed request's decode steps read."""
+
+    chunks: int  # whole chunks before the SPEC tail: the ones with key bounds
+    keep: int  # how many of them a decode step reads (SPEC step 5 for the budget)
+    tail_start: int  # SPEC step 3's P0
 
 
 @dataclass
@@ -80,9 +98,14 @@ class RequestState:
     # whole prompt.
     selections: list[Selection | None] = field(default_factory=list)
     freed_slots: int = 0
+    # Dynamic mode: set when the request will be compressed (its bounds are stored by the
+    # pass that ends its prompt).
+    dynamic: DynamicPlan | None = None
 
     @property
     def compressed(self) -> bool:
+        if self.dynamic is not None:
+            return self.done
         return any(selection is not None for selection in self.selections)
 
 
@@ -102,6 +125,25 @@ class SparseDecodeBatch(NamedTuple):
     seq_lens: torch.Tensor  # int32 [B]
 
 
+class DynamicDecodeBatch(NamedTuple):
+    """One dynamic-mode decode batch: what each layer's selection and ``sparse_decode`` read."""
+
+    slot_map: torch.Tensor  # int32 [B, S]: req_to_token rows of the batch
+    rows: torch.Tensor  # int64 [B]: the batch's request-pool rows (for the bounds tables)
+    index: DynamicRows  # chunk_counts, keep_counts, tails of each row
+    seq_lens: torch.Tensor  # int32 [B]
+    width: int  # chunks of the bounds a step scores (>= every row's chunk count)
+    n_keep: int  # chunks a step selects per KV head (>= every row's keep count)
+
+    def first(self, batch: int) -> DynamicDecodeBatch:
+        return self._replace(
+            slot_map=self.slot_map[:batch],
+            rows=self.rows[:batch],
+            index=self.index.rows(batch),
+            seq_lens=self.seq_lens[:batch],
+        )
+
+
 class ChunkKVAttnBackend(TritonAttnBackend):
     """``--attention-backend chunkkv``; settings from :meth:`ChunkKVSettings.from_env`."""
 
@@ -111,18 +153,32 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         self.policy = self.settings.make_policy()
         self._check_supported(model_runner)
         self.num_layers = num_layers = model_runner.model_config.num_hidden_layers
-        self.reuse_layers = self.settings.reuse_layers
+        self.dynamic = self.settings.mode == "dynamic"
+        self.reuse_layers = 1 if self.dynamic else self.settings.reuse_layers
         self.group_leaders = frozenset(range(0, num_layers, self.reuse_layers))
-        # Token-level policies (no chunk_size attribute) keep one-token chunks.
+        # Token-level policies (no chunk_size attribute) keep one-token chunks; dynamic mode
+        # uses the policy's chunk grid as the transformers adapter does (SPEC's by default).
         self.chunk_size = getattr(self.policy, "chunk_size", 1)
+        self.window = None
+        if self.dynamic:
+            self.chunk_size, self.window = chunk_grid(self.policy)
+            self._warn_ignored_settings()
         self.requests: dict[int, RequestState] = {}
         self._compressed_rids: dict[str, int] = {}  # live compressed request id -> its row
-        self.table = RowSelections(
-            len(self.group_leaders), self.req_to_token.shape[0], self.num_kv_head, self.device
-        )
-        self._graph: SparseDecodeBatch | None = None
+        # Dynamic mode, by live compressed request id: its chunk count and keep count (what an
+        # eager decode step sizes its selection from, on the host).
+        self._dynamic_chunks: dict[str, int] = {}
+        self._dynamic_keeps: dict[str, int] = {}
+        self.table = self.bounds = None
+        if self.dynamic:
+            self.bounds = self._bounds_tables()
+        else:
+            self.table = RowSelections(
+                len(self.group_leaders), self.req_to_token.shape[0], self.num_kv_head, self.device
+            )
+        self._graph: SparseDecodeBatch | DynamicDecodeBatch | None = None
         self._extend_plan: ExtendPlan | None = None
-        self._sparse_batch: SparseDecodeBatch | None = None
+        self._sparse_batch: SparseDecodeBatch | DynamicDecodeBatch | None = None
         self._reduce_scores = self._score_reduce(model_runner)
         self.frees_slots = self._can_free_slots(num_layers)
         if self.frees_slots:
@@ -152,8 +208,49 @@ class ChunkKVAttnBackend(TritonAttnBackend):
             if present:
                 raise ValueError(f"the chunkkv attention backend does not support {what}")
 
+    def _warn_ignored_settings(self) -> None:
+        defaults = ChunkKVSettings()
+        ignored = [
+            name
+            for name in ("reuse_layers", "share_heads", "pool_kernel", "policy_options")
+            if getattr(self.settings, name) != getattr(defaults, name)
+        ]
+        if self.settings.policy != defaults.policy:
+            ignored.append("policy (but for its chunk_size and window)")
+        if ignored:
+            logger.warning(
+                "chunkkv dynamic mode selects at every decode step from each layer's own key "
+                "bounds: %s do not apply",
+                ", ".join(ignored),
+            )
+
+    def _bounds_tables(self) -> RowBounds:
+        """Dynamic mode's per-row key bounds, sized for a prompt as long as the context."""
+        rows, context = self.req_to_token.shape
+        keys = self.token_to_kv_pool.get_key_buffer(0)
+        bounds = RowBounds(
+            self.num_layers,
+            rows,
+            self.num_kv_head,
+            max(1, (context - self.window) // self.chunk_size),
+            keys.shape[-1],
+            keys.dtype,
+            self.device,
+        )
+        logger.info(
+            "chunkkv dynamic mode: key bounds for %d request rows x %d chunks x %d layers, "
+            "%.1f MiB",
+            rows,
+            bounds.max_chunks,
+            self.num_layers,
+            bounds.nbytes / 2**20,
+        )
+        return bounds
+
     def _can_free_slots(self, num_layers: int) -> bool:
         """One token set per request (every head, every layer) can give slots back."""
+        if self.dynamic:  # every decode step may read any chunk
+            return False
         if not (getattr(self.policy, "share_heads", False) and self.reuse_layers >= num_layers):
             return False
         if self.page_size != 1:
@@ -202,9 +299,10 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         return average_replicas
 
     def selection_window(self, prompt_len: int) -> int | None:
-        """How many of the last prompt queries the selection of a ``prompt_len`` prompt reads;
-        ``None`` when the prompt is kept whole (it fits the budget or the window)."""
-        window = observation_window(self.policy, prompt_len)
+        """How many of the last prompt queries the selection of a ``prompt_len`` prompt reads
+        (dynamic mode: the window of its SPEC tail); ``None`` when the prompt is kept whole (it
+        fits the budget or the window)."""
+        window = self.window if self.dynamic else observation_window(self.policy, prompt_len)
         budget = resolve_budget(prompt_len, self.settings.budget, self.settings.ratio)
         if prompt_len < window or budget >= prompt_len:
             return None
@@ -212,9 +310,22 @@ class ChunkKVAttnBackend(TritonAttnBackend):
 
     def prefix_limit(self, prompt_len: int) -> int | None:
         """The most prompt tokens a prefix-cache match may serve (``None``: no limit), so that
-        the observation window's queries are computed in this request's own extend pass."""
+        the observation window's queries are computed in this request's own extend pass.
+        Dynamic mode reads no prompt query: the key bounds are the same from the cache."""
+        if self.dynamic:
+            return None
         window = self.selection_window(prompt_len)
         return prompt_len - window if window else None
+
+    def _dynamic_plan(self, prompt_len: int, budget: int) -> DynamicPlan | None:
+        """What a dynamic-mode request that does not fit its budget reads; ``None`` when its
+        prompt has no whole chunk before the tail (nothing to choose: it stays dense)."""
+        tail_start = reference.tail_start(prompt_len, self.chunk_size, self.window)
+        chunks = tail_start // self.chunk_size
+        if chunks == 0:
+            return None
+        keep = reference.num_kept_chunks(prompt_len, budget, self.chunk_size, self.window)
+        return DynamicPlan(chunks, keep, tail_start)
 
     # -- CUDA graphs --------------------------------------------------------------------------
 
@@ -226,17 +337,42 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         budget = resolve_budget(context, self.settings.budget, self.settings.ratio)
         return max(1, min(2 * budget, context) // self.chunk_size)
 
+    def _max_keep(self) -> int:
+        """Dynamic mode: chunks any decode step reads per KV head (SPEC step 5 keeps at most
+        ``L / c``, and no prompt's budget is above the full context's)."""
+        context = self.req_to_token.shape[1]
+        budget = resolve_budget(context, self.settings.budget, self.settings.ratio)
+        return max(1, min(self.bounds.max_chunks, budget // self.chunk_size))
+
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         """Fixed decode buffers for graphs of up to ``max_bs`` requests: the batch's rows of the
-        selection tables, its int32 lengths and its ``req_to_token`` rows (the Triton decode
-        kernel is never captured, so its graph state is not allocated)."""
-        groups, chunks = len(self.group_leaders), self._max_chunks()
-        self.table.max_chunks = chunks
+        selection tables (dynamic mode: its request-pool rows and their counts; the bounds
+        tables themselves never move), its int32 lengths and its ``req_to_token`` rows (the
+        Triton decode kernel is never captured, so its graph state is not allocated)."""
         context = self.req_to_token.shape[1]
 
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.int32, device=self.device)
+        def zeros(*shape, dtype=torch.int32):
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
 
+        if self.dynamic:
+            self._graph = DynamicDecodeBatch(
+                slot_map=zeros(max_bs, context),
+                rows=zeros(max_bs, dtype=torch.int64),
+                index=DynamicRows(zeros(max_bs), zeros(max_bs), zeros(max_bs)),
+                seq_lens=zeros(max_bs),
+                width=self.bounds.max_chunks,
+                n_keep=self._max_keep(),
+            )
+            logger.info(
+                "chunkkv dynamic-mode decode CUDA graphs: %d requests, each step scores %d "
+                "chunks and reads %d per KV head",
+                max_bs,
+                self._graph.width,
+                self._graph.n_keep,
+            )
+            return
+        groups, chunks = len(self.group_leaders), self._max_chunks()
+        self.table.max_chunks = chunks
         self._graph = SparseDecodeBatch(
             slot_map=zeros(max_bs, context),
             index=DecodeIndex(
@@ -264,10 +400,17 @@ class ChunkKVAttnBackend(TritonAttnBackend):
             )
         batch, graph = forward_batch.batch_size, self._graph
         rows = forward_batch.req_pool_indices
+        max_len = self._max_seq_len(forward_batch)
+        if self.dynamic:
+            graph.rows[:batch].copy_(rows)
+            self.bounds.gather_into(rows, graph.index)
+            graph.seq_lens[:batch].copy_(forward_batch.seq_lens)
+            graph.slot_map[:batch, :max_len].copy_(self.req_to_token[rows, :max_len])
+            self._sparse_batch = graph.first(batch)
+            return
         index = graph.index.rows(batch)
         self.table.gather_into(rows, index)
         graph.seq_lens[:batch].copy_(forward_batch.seq_lens)
-        max_len = self._max_seq_len(forward_batch)
         graph.slot_map[:batch, :max_len].copy_(self.req_to_token[rows, :max_len])
         self._sparse_batch = SparseDecodeBatch(
             graph.slot_map[:batch], index, graph.seq_lens[:batch]
@@ -331,19 +474,29 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         previous = self.requests.get(row)
         if previous is not None and self._compressed_rids.get(previous.rid) == row:
             del self._compressed_rids[previous.rid]
-        self.table.reset(row)
+            self._dynamic_chunks.pop(previous.rid, None)
+            self._dynamic_keeps.pop(previous.rid, None)
+        (self.bounds if self.dynamic else self.table).reset(row)
+        budget = (
+            0
+            if prompt_len is None
+            else resolve_budget(prompt_len, self.settings.budget, self.settings.ratio)
+        )
         window = None if prompt_len is None else self.selection_window(prompt_len)
+        plan = None
+        if self.dynamic and window is not None:
+            plan = self._dynamic_plan(prompt_len, budget)
+            window = None if plan is None else 0  # no prompt query is read
         state = self.requests[row] = RequestState(
             generation=generation,
             rid=rid,
             prompt_len=prompt_len,
-            budget=0
-            if prompt_len is None
-            else resolve_budget(prompt_len, self.settings.budget, self.settings.ratio),
+            budget=budget,
             window=window or 0,
             done=window is None,
             missing=window or 0,
             selections=[None] * len(self.group_leaders),
+            dynamic=plan,
         )
         if window is None and prompt_len is not None:
             self.stats["requests_whole"] += 1
@@ -357,6 +510,20 @@ class ChunkKVAttnBackend(TritonAttnBackend):
             return None
         rows = forward_batch.req_pool_indices
         max_len = self._max_seq_len(forward_batch)
+        if self.dynamic:
+            if rids is None:
+                width, n_keep = self.bounds.max_chunks, self._max_keep()
+            else:  # the batch's largest counts, from host values (no loop in Python)
+                width = max(map(self._dynamic_chunks.get, rids, repeat(0)))
+                n_keep = max(map(self._dynamic_keeps.get, rids, repeat(0)))
+            return DynamicDecodeBatch(
+                slot_map=self.req_to_token[rows, :max_len],
+                rows=rows,
+                index=self.bounds.gather(rows),
+                seq_lens=forward_batch.seq_lens.to(torch.int32),
+                width=max(width, 1),
+                n_keep=max(n_keep, 1),
+            )
         return SparseDecodeBatch(
             slot_map=self.req_to_token[rows, :max_len],
             index=self.table.gather(rows),
@@ -376,7 +543,10 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         plan = self._extend_plan
         if plan is None:
             return out
-        if layer.layer_id in self.group_leaders:
+        if self.dynamic:
+            for row, state in plan.completing:
+                self._store_bounds(row, state, layer)
+        elif layer.layer_id in self.group_leaders:
             if plan.windows:
                 self._keep_window_queries(q, layer, plan)
             for row, state in plan.completing:
@@ -425,6 +595,18 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         state.selections[group] = selection
         self.table.store(group, row, selection)
 
+    def _store_bounds(self, row: int, state: RequestState, layer) -> None:
+        """Dynamic mode: this layer's key bounds of a request whose prompt is complete, from
+        the keys of its whole chunks in the pool (the request's own chunk grid)."""
+        if state.dynamic is None:
+            return
+        chunks = state.dynamic.chunks
+        keys = self.token_to_kv_pool.get_key_buffer(layer.layer_id)[
+            self.req_to_token[row, : chunks * self.chunk_size].long()
+        ]  # [n * c, Hkv, D]
+        kmin, kmax = chunk_bounds(keys.transpose(0, 1)[None], self.chunk_size, chunks)
+        self.bounds.store_bounds(layer.layer_id, row, kmin[0], kmax[0])
+
     def _finish_selections(self, completing) -> None:
         """After the pass's last layer: the requests that selected are done."""
         for row, state in completing:
@@ -442,7 +624,13 @@ class ChunkKVAttnBackend(TritonAttnBackend):
                 self.stats["requests_whole"] += 1
                 continue
             self._compressed_rids[state.rid] = row
-            kept = [kept_length(selection, state.prompt_len) for selection in state.selections]
+            if state.dynamic is not None:
+                chunks, keep, tail_start = state.dynamic
+                self.bounds.store_counts(row, chunks, keep, tail_start)
+                self._dynamic_chunks[state.rid], self._dynamic_keeps[state.rid] = chunks, keep
+                kept = [keep * self.chunk_size + state.prompt_len - tail_start] * self.num_layers
+            else:
+                kept = [kept_length(s, state.prompt_len) for s in state.selections]
             self.stats["requests_compressed"] += 1
             self.stats["prompt_tokens"] += state.prompt_len
             self.stats["kept_tokens"] += sum(kept) // len(kept)
@@ -460,14 +648,28 @@ class ChunkKVAttnBackend(TritonAttnBackend):
         """Keeps the last ``settings.record_selections`` retained sets for :meth:`report`."""
         if not self.settings.record_selections:
             return
-        self.recent_selections[state.rid] = {
-            "prompt_len": state.prompt_len,
-            "budget": state.budget,
-            "chunk_size": self.chunk_size,
-            "kept": kept,
-            "chunk_idx": [None if s is None else s.chunk_idx[0].tolist() for s in state.selections],
-            "tail_start": [None if s is None else s.tail_start for s in state.selections],
-        }
+        if state.dynamic is not None:  # chosen anew at every decode step
+            self.recent_selections[state.rid] = {
+                "prompt_len": state.prompt_len,
+                "budget": state.budget,
+                "chunk_size": self.chunk_size,
+                "kept": kept,
+                "mode": "dynamic",
+                "chunks": state.dynamic.chunks,
+                "keep_chunks": state.dynamic.keep,
+                "tail_start": state.dynamic.tail_start,
+            }
+        else:
+            self.recent_selections[state.rid] = {
+                "prompt_len": state.prompt_len,
+                "budget": state.budget,
+                "chunk_size": self.chunk_size,
+                "kept": kept,
+                "chunk_idx": [
+                    None if s is None else s.chunk_idx[0].tolist() for s in state.selections
+                ],
+                "tail_start": [None if s is None else s.tail_start for s in state.selections],
+            }
         while len(self.recent_selections) > self.settings.record_selections:
             self.recent_selections.popitem(last=False)
 
@@ -512,18 +714,35 @@ class ChunkKVAttnBackend(TritonAttnBackend):
                 layer.k_scale,
                 layer.v_scale,
             )
-        group = layer.layer_id // self.reuse_layers
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        if isinstance(batch, DynamicDecodeBatch):
+            # This step's own chunks: the bounds of the batch's rows scored with its query.
+            kmin, kmax = self.bounds.batch_bounds(layer.layer_id, batch.rows, batch.width)
+            chunk_idx = select_decode_chunks(
+                q,
+                kmin,
+                kmax,
+                batch.n_keep,
+                keep_counts=batch.index.keep_counts,
+                chunk_counts=batch.index.chunk_counts,
+                validate=False,
+            )
+            tails, counts = batch.index.tails, batch.index.keep_counts
+        else:
+            group = layer.layer_id // self.reuse_layers
+            chunk_idx = batch.index.chunk_idx[group]
+            tails, counts = batch.index.tails[group], batch.index.counts[group]
         out = sparse_decode(
-            q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            q,
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            batch.index.chunk_idx[group],
+            chunk_idx,
             self.chunk_size,
-            batch.index.tails[group],
+            tails,
             batch.seq_lens,
             scaling=layer.scaling,
             slot_map=batch.slot_map,
-            chunk_counts=batch.index.counts[group],
+            chunk_counts=counts,
             validate=False,
         )
         return out.view(-1, layer.tp_q_head_num * layer.v_head_dim)

@@ -7,7 +7,8 @@ Each hook is a no-op in a process without a ``chunkkv`` backend (:func:`activate
 process's backend) or for another ``--attention-backend``:
 
 * :func:`cap_prefix_match`: a prefix-cache match never covers the observation window of a prompt
-  that will be compressed, so its queries are computed by the request's own extend pass.
+  that will be compressed, so its queries are computed by the request's own extend pass (not in
+  dynamic mode, which reads no prompt query: the match is SGLang's own).
 * :func:`record_prompt_lengths`: the prompt length of every request SGLang puts in an extend
   batch, by request id (:func:`prompt_length`), so selection knows where each prompt ends (the
   last chunk of a chunked prefill, the prompt inside a retracted request's re-run). They are

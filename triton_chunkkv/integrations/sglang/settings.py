@@ -17,6 +17,9 @@ from ...policies import ChunkKV, Policy, chunk_policy, make_policy
 
 CONFIG_VARIABLE = "CHUNKKV_CONFIG"
 DEFAULT_RATIO = 0.1
+# sparse: the chunks selected at prefill are read in place; dynamic: every decode step picks
+# its own chunks from per-chunk key bounds with that step's query (DESIGN.md, SGLang).
+MODES = ("sparse", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,10 @@ class ChunkKVSettings:
     ``chunk_size``, ``window``, ``share_heads`` and ``pool_kernel`` configure ``chunkkv``, and
     ``policy_options`` (a JSON object, e.g. ``{"sink_tokens": 4}``) any policy's own options.
     ``record_selections`` keeps the retained sets of that many recent requests for
-    ``get_server_info()`` (0: only counts).
+    ``get_server_info()`` (0: only counts). ``mode`` is ``"sparse"`` (prefill-time selection,
+    read in place) or ``"dynamic"`` (the full cache plus per-chunk key bounds; each decode step
+    reads the chunks its own query scores highest, as many as the budget allows; the policy
+    gives only its ``chunk_size`` and ``window``).
     """
 
     budget: int | None = None
@@ -41,6 +47,7 @@ class ChunkKVSettings:
     policy: str = "chunkkv"
     policy_options: dict = field(default_factory=dict)
     record_selections: int = 0
+    mode: str = "sparse"
 
     def __post_init__(self):
         if self.budget is None and self.ratio is None:
@@ -48,6 +55,8 @@ class ChunkKVSettings:
         check_budget(self.budget, self.ratio)
         check_int("reuse_layers", self.reuse_layers, minimum=1)
         check_int("record_selections", self.record_selections, minimum=0)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.policy_options, dict):
             raise TypeError(f"policy_options must be a JSON object, got {self.policy_options!r}")
         self.make_policy()  # checks every policy option
@@ -100,7 +109,7 @@ def _parse(name: str, raw: str):
             if raw.lower() not in ("0", "1", "true", "false"):
                 raise ValueError
             return raw.lower() in ("1", "true")
-        if name == "policy":
+        if name in ("policy", "mode"):
             return raw
         if name == "policy_options":
             return json.loads(raw)
