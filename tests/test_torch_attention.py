@@ -182,3 +182,13 @@ def test_dynamic_mode_reads_each_steps_best_chunks():
         chosen = reference.select_chunks(bound.float(), n_keep)
         kept_k, kept_v = reference.gather_chunks(keys, values, chosen, c, tail)
         torch.testing.assert_close(out, attention(q_new, kept_k, kept_v), rtol=1e-4, atol=1e-5)
+
+
+def test_dynamic_mode_with_a_prompt_shorter_than_the_window():
+    cache = ChunkKVCache(budget=3, policy=ChunkKV(chunk_size=5, window=8), mode="dynamic")
+    query, key, value = qkv(6)
+    chunkkv_attention(query, key, value, cache)
+    q_new, k_new, v_new = qkv(1)
+    out = chunkkv_attention(q_new, k_new, v_new, cache)  # everything is the dense tail
+    full_k, full_v = torch.cat([key, k_new], 2), torch.cat([value, v_new], 2)
+    torch.testing.assert_close(out, attention(q_new, full_k, full_v), rtol=1e-4, atol=1e-5)

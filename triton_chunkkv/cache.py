@@ -260,6 +260,9 @@ def dynamic_layer(key, value, pads, budgets, chunk_size: int, window: int) -> Co
     rows = []
     for pad, budget in zip(pads, budgets):
         T = T_pad - pad
+        if T < window:  # the prompt fits in the observation window: all of it is the tail
+            rows.append((T, 0, 0))
+            continue
         tail = reference.tail_start(T, chunk_size, window)
         keep = reference.num_kept_chunks(T, budget, chunk_size, window)
         rows.append((T, tail, tail // chunk_size if keep is None else keep))
