@@ -234,9 +234,13 @@ def _decode_chunk_scores_kernel(
     )
     if DOT_IN_FP32:
         q, kmin, kmax = q.to(tl.float32), kmin.to(tl.float32), kmax.to(tl.float32)
+    # Each dimension takes the bound its query's sign prefers. (Triton 3.6's maximum of two bf16
+    # tensors is float32: cast back so that tl.dot gets operands of one dtype.)
     zero = tl.zeros_like(q)
-    bound = tl.dot(tl.maximum(q, zero), tl.trans(kmax), input_precision=DOT_PRECISION)
-    bound += tl.dot(tl.minimum(q, zero), tl.trans(kmin), input_precision=DOT_PRECISION)
+    q_positive = tl.maximum(q, zero).to(kmax.dtype)
+    q_negative = tl.minimum(q, zero).to(kmin.dtype)
+    bound = tl.dot(q_positive, tl.trans(kmax), input_precision=DOT_PRECISION)
+    bound += tl.dot(q_negative, tl.trans(kmin), input_precision=DOT_PRECISION)
     bound = tl.where((heads < GROUP)[:, None], bound, float("-inf"))
     score = tl.where(valid, tl.max(bound, axis=0), float("-inf"))
     tl.store(out_ptr + bh.to(tl.int64) * num_chunks + chunks, score, mask=chunks < num_chunks)
