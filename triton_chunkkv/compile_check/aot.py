@@ -219,24 +219,16 @@ class LaunchRecorder:
             job.labels.append(self.label)
 
 
-@contextlib.contextmanager
-def recording_launches(recorder: LaunchRecorder):
-    """Within: every kernel launch is recorded by ``recorder``, nothing is compiled or run.
-
-    The op wrappers take CPU tensors for GPU tensors (``use_triton`` is True, the SM count is
-    the H200's); kernel outputs stay uninitialized.
-    """
+def _gpu_stand_ins(driver) -> list:
+    """The patches under which the op wrappers take CPU tensors for GPU tensors:
+    ``driver`` is Triton's active driver, ``use_triton`` is True, the SM count is the H200's,
+    no committed config is read and no autotune result reaches Triton's on-disk cache."""
     import triton_chunkkv.ops  # noqa: F401  (every kernel module, imported)
     from triton_chunkkv.ops import _runtime
 
     check_compiled_mode()
-
-    def run(self, *args, grid, warmup, **kwargs):
-        recorder.record(self, args, kwargs)
-
     patches = [
-        stand_in_driver(),
-        mock.patch.object(JITFunction, "run", run),
+        driver,
         # Committed configs would bypass the autotuner: record every config instead.
         mock.patch.object(_runtime, "committed_configs", lambda name: {}),
         mock.patch.object(_runtime, "gpu_name", lambda: "stand-in"),
@@ -257,10 +249,75 @@ def recording_launches(recorder: LaunchRecorder):
             for name, (original, replacement) in stand_ins.items():
                 if getattr(module, name, None) is original:
                     patches.append(mock.patch.object(module, name, replacement))
+    return patches
+
+
+@contextlib.contextmanager
+def _patched(patches):
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
+        yield
+
+
+@contextlib.contextmanager
+def recording_launches(recorder: LaunchRecorder):
+    """Within: every kernel launch is recorded by ``recorder``, nothing is compiled or run.
+
+    The op wrappers take CPU tensors for GPU tensors (``use_triton`` is True, the SM count is
+    the H200's); kernel outputs stay uninitialized.
+    """
+
+    def run(self, *args, grid, warmup, **kwargs):
+        recorder.record(self, args, kwargs)
+
+    patches = _gpu_stand_ins(stand_in_driver())
+    patches.append(mock.patch.object(JITFunction, "run", run))
+    with _patched(patches):
         yield recorder
+
+
+class NullLaunchDriver(StandInDriver):
+    """A stand-in driver under which Triton's whole host-side launch path runs (argument
+    binding and specialization, the compiled-kernel cache lookup, the grid, the launcher call)
+    and only the launcher itself (the C function that packs the arguments and calls
+    ``cuLaunchKernelEx``) is a no-op. Kernels are compiled for :data:`TARGET` on first use."""
+
+    class utils:  # noqa: N801 - Triton reads driver.active.utils.<function>
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": MAX_SHARED_BYTES, "multiprocessor_count": SM_COUNT}
+
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return 1, 1, 0, 0, 1024  # module, function, registers, spills, max threads
+
+        @staticmethod
+        def unload_module(module):
+            pass
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def null_launches():
+    """Within: the op wrappers run as on a GPU (CPU tensors stand for GPU tensors) through
+    Triton's full host-side launch path, with the final driver call a no-op
+    (:class:`NullLaunchDriver`): what a GPU host pays per call, less the driver's own launch
+    cost. Each kernel variant compiles for sm_90 on its first launch (ptxas; seconds)."""
+
+    @contextlib.contextmanager
+    def driver():
+        previous = triton_driver._active
+        triton_driver.set_active(NullLaunchDriver())
+        try:
+            yield
+        finally:
+            triton_driver._active = previous
+
+    with _patched(_gpu_stand_ins(driver())):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
