@@ -165,15 +165,17 @@ def test_random_shapes(data):
 
 @pytest.fixture
 def scoring_calls(monkeypatch):
-    """Counts the window-score computations ``ops.compress_layers`` runs."""
+    """Counts the window-score computations ``ops.compress_layers`` runs (token scores, or the
+    fused chunk scores that ChunkKV computes without pooling)."""
     calls = []
-    original = chunkkv_policy._window_scores
+    for name in ("_window_scores", "_window_chunk_scores"):
+        original = getattr(chunkkv_policy, name)
 
-    def counting(*args, **kwargs):
-        calls.append(args)
-        return original(*args, **kwargs)
+        def counting(*args, original=original, **kwargs):
+            calls.append(args)
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(chunkkv_policy, "_window_scores", counting)
+        monkeypatch.setattr(chunkkv_policy, name, counting)
     return calls
 
 

@@ -155,6 +155,21 @@ CASES = [
         "window_scores",
         lambda: (window_queries(torch.float16), keys(torch.float16), None, None, 1),
     ),
+    (
+        "window_chunk_scores",
+        "window_chunk_scores",
+        lambda: (window_queries(), keys(), None, None, C),
+    ),
+    (
+        "window_chunk_scores-mask-scale-strided",
+        "window_chunk_scores",
+        lambda: (window_queries(), strided_keys(), padding_mask(), 0.3, 3),
+    ),
+    (
+        "window_chunk_scores-bf16-one-token-chunks",
+        "window_chunk_scores",
+        lambda: (window_queries(torch.bfloat16), keys(torch.bfloat16), None, None, 1),
+    ),
     ("chunk_sum", "chunk_sum", lambda: (torch.rand(B, HKV, T), C, W)),
     (
         "chunk_sum-strided-one-token-chunks",
@@ -238,6 +253,7 @@ CASES = [
 def test_every_kernel_op_is_an_operator():
     public = {
         "window_scores",
+        "window_chunk_scores",
         "chunk_sum",
         "select_chunks",
         "gather_chunks",
@@ -282,6 +298,7 @@ def test_ops_accept_fake_tensors():
         q_obs, k = window_queries(), keys()
         scores = ops.window_scores(q_obs, k)
         chunk_scores = ops.chunk_sum(scores, C, W)
+        fused_scores = ops.window_chunk_scores(q_obs, k, C)
         idx = ops.select_chunks(chunk_scores, 3)
         k_kept, v_kept = ops.gather_chunks(k, k, idx, C, 35, validate=False)
         k_cache, v_cache = decode_cache()
@@ -292,7 +309,7 @@ def test_ops_accept_fake_tensors():
         kmin, kmax = ops.chunk_bounds(k, C, 7)
         decode_scores = ops.decode_chunk_scores(torch.randn(B, HKV * G, D), kmin, kmax)
     assert scores.shape == (B, HKV, T) and scores.dtype == torch.float32
-    assert chunk_scores.shape == (B, HKV, 7)
+    assert chunk_scores.shape == fused_scores.shape == (B, HKV, 7)
     assert idx.shape == (B, HKV, 3) and idx.dtype == torch.int32
     assert k_kept.shape == v_kept.shape == (B, HKV, 3 * C + T - 35, D)
     assert out.shape == (B, HKV * G, 2, D)

@@ -25,10 +25,11 @@ PATHS = ("kernels", "reference")
 # (conftest sets TRITON_INTERPRET=1 there).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Examples per test and path: 290 x 2 paths = 580 configurations per run (25 to 40 s on two
+# Examples per test and path: 310 x 2 paths = 620 configurations per run (25 to 40 s on two
 # shared CPU cores, nearly all of it in the interpreter).
 EXAMPLES = {
     "window_scores": 70,
+    "window_chunk_scores": 20,
     "chunk_sum": 30,
     "select_chunks": 30,
     "gather_chunks": 30,
@@ -263,6 +264,35 @@ def test_window_scores(path, data):
     assert scores.dtype == torch.float32 and scores.shape == (B, Hkv, T)
     expected = spec_window_scores(q_obs, k, key_mask, scaling, pool_kernel)
     torch.testing.assert_close(scores.cpu().double(), expected, **score_tolerance(w))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@examples("window_chunk_scores")
+@given(data=st.data())
+def test_window_chunk_scores(path, data):
+    """The fused steps 1-4 (no pooling) against the float64 steps 2 and 4."""
+    draw = data.draw
+    c = draw_common(draw)
+    B, Hkv, T, w, D = c["batch"], c["kv_heads"], c["seq_len"], c["window"], c["head_dim"]
+    chunk_size = draw(st.integers(1, 10), label="c")
+    q_obs = random_tensor(c["generator"], (B, Hkv * c["group"], w, D), c["dtype"])
+    k = random_tensor(c["generator"], (B, Hkv, T, D), c["dtype"])
+    key_mask = draw_key_mask(draw, B, T)
+    scaling = draw_scaling(draw)
+    with on_path(path) as device:
+        sums = ops.window_chunk_scores(
+            q_obs.to(device),
+            k.to(device),
+            chunk_size,
+            key_mask=None if key_mask is None else key_mask.to(device),
+            scaling=scaling,
+        )
+    expected = spec_chunk_sum(spec_window_scores(q_obs, k, key_mask, scaling), chunk_size, w)
+    assert sums.dtype == torch.float32 and sums.shape == expected.shape
+    tolerance = score_tolerance(w)
+    torch.testing.assert_close(
+        sums.cpu().double(), expected, rtol=tolerance["rtol"], atol=tolerance["atol"] * chunk_size
+    )
 
 
 @pytest.mark.parametrize("path", PATHS)

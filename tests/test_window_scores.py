@@ -267,3 +267,84 @@ def test_default_split_policy_cuda(dtype):
     q_obs, k = make_inputs(1, 2, 4, 20_000, 32, 128, dtype, device="cuda")
     assert window_scores_kernel.key_splits(20_000, 2, k.device) > 1
     assert_matches_reference(q_obs, k, key_mask=left_padding_mask(1, 20_000, 32, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused chunk scores (what ChunkKV runs without pooling) and the split policy behind them
+# ---------------------------------------------------------------------------------------------
+
+# (kv_heads, group, seq_len, window, chunk_size, dtype, padded, splits)
+CHUNK_CASES = [
+    (2, 2, 100, 8, 10, torch.float32, True, 1),
+    (1, 4, 300, 16, 10, torch.float16, True, 3),  # splits of 160 keys (lcm(10, 16))
+    (2, 1, 129, 4, 1, torch.float32, True, 4),  # one-token chunks
+    (1, 3, 257, 5, 7, torch.bfloat16, False, 5),  # more splits than the keys need: empty ones
+    (3, 2, 90, 30, 17, torch.float32, True, 2),
+    (1, 2, 40, 8, 64, torch.float32, True, 2),  # T - w < c: no chunk at all
+    (2, 8, 600, 32, 10, torch.float32, True, 3),  # g * w = 256 rows: two row blocks
+]
+CHUNK_NAMES = "kv_heads,group,seq_len,window,chunk_size,dtype,padded,splits"
+
+
+@pytest.mark.parametrize(CHUNK_NAMES, CHUNK_CASES)
+def test_chunk_scores_equal_the_two_steps(
+    monkeypatch, kv_heads, group, seq_len, window, chunk_size, dtype, padded, splits
+):
+    force_splits(monkeypatch, splits)
+    q_obs, k = make_inputs(3, kv_heads, group, seq_len, window, 64, dtype, strided=splits == 3)
+    key_mask = left_padding_mask(3, seq_len, window) if padded else None
+    out = ops.window_chunk_scores(q_obs, k, chunk_size, key_mask=key_mask, scaling=0.2)
+    scores = reference.window_scores(q_obs, k, key_mask=key_mask, scaling=0.2)
+    expected = reference.chunk_sum(scores, chunk_size, window)
+    assert out.dtype == torch.float32 and out.shape == expected.shape and out.is_contiguous()
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol * chunk_size)
+    # The token scores of the same kernels, summed by the chunk-sum kernel, agree too.
+    summed = ops.chunk_sum(
+        ops.window_scores(q_obs, k, key_mask=key_mask, scaling=0.2), chunk_size, window
+    )
+    torch.testing.assert_close(out, summed, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_scores_of_equal_keys_tie_across_splits(monkeypatch):
+    """All-equal keys: every chunk's sum is bit-equal wherever it sits (the fused kernel adds a
+    chunk's token scores in position order), across split boundaries too."""
+    force_splits(monkeypatch, 3)
+    k = torch.full((2, 2, 500, 16), 0.37)
+    q_obs = torch.randn(2, 4, 8, 16)
+    out = ops.window_chunk_scores(q_obs, k, 5)
+    assert all(row.unique().numel() == 1 for row in out.flatten(0, 1))
+
+
+def test_chunk_scores_reject_bad_chunking():
+    q_obs, k = make_inputs(1, 1, 2, 30, 6, 64, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ops.window_chunk_scores(q_obs, k, 0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        ops.window_chunk_scores(q_obs, k, 5.0)
+    with pytest.raises(ValueError, match="q_obs has batch size"):
+        ops.window_chunk_scores(q_obs[:0], k, 5)
+
+
+def test_key_splits_cap_the_merge_cost(monkeypatch):
+    """At the Llama-3-8B shape (g * w = 128 rows, D 128 bf16: 256-byte keys), B 1, 132 SMs:
+    the merge each pass-2 program runs stays within 1/8 of its key bytes."""
+    monkeypatch.setattr(window_scores_kernel, "multiprocessor_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    splits = window_scores_kernel.key_splits
+    assert splits(32768, 8, cuda) == 66  # 4 programs per SM, without the cap
+    assert splits(32768, 8, cuda, 128, 256) == 32
+    assert splits(8192, 8, cuda, 128, 256) == 16
+    assert splits(131072, 8, cuda, 128, 256) == 64
+    assert splits(131072, 256, cuda, 128, 256) == 3  # B 32: the rows fill the GPU
+    for seq_len, count in ((32768, 32), (8192, 16), (131072, 64)):
+        merge_bytes = count * 128 * 8
+        key_bytes = seq_len / count * 256
+        assert merge_bytes <= key_bytes * window_scores_kernel.MERGE_BYTES_PER_KEY_BYTE
+
+
+@pytest.mark.parametrize("seq_len, splits, align", [(32768, 32, 80), (129, 4, 16), (40, 2, 1200)])
+def test_split_length_is_aligned_and_covers_the_keys(seq_len, splits, align):
+    length = window_scores_kernel.split_length(seq_len, splits, align)
+    assert length % align == 0 and length * splits >= seq_len
+    assert length - align < -(-seq_len // splits)  # the smallest such length

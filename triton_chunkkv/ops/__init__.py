@@ -11,7 +11,7 @@ from .kernels.decode_select import chunk_bounds, decode_chunk_scores, select_dec
 from .kernels.gather import gather_chunks
 from .kernels.select_chunks import select_chunks
 from .kernels.sparse_decode import sparse_decode
-from .kernels.window_scores import window_scores
+from .kernels.window_scores import window_chunk_scores, window_scores
 from .reference import Compressed
 
 __all__ = [
@@ -27,5 +27,6 @@ __all__ = [
     "select_chunks",
     "select_decode_chunks",
     "sparse_decode",
+    "window_chunk_scores",
     "window_scores",
 ]

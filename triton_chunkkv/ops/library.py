@@ -54,6 +54,12 @@ def window_scores_fake(q_obs, k, key_mask, scaling, pool_kernel):
     return k.new_empty((B, Hkv, T), dtype=torch.float32)
 
 
+def window_chunk_scores_fake(q_obs, k, key_mask, scaling, chunk_size):
+    B, Hkv, T, _ = k.shape
+    num_chunks = reference.tail_start(T, chunk_size, q_obs.shape[2]) // chunk_size
+    return k.new_empty((B, Hkv, num_chunks), dtype=torch.float32)
+
+
 def chunk_sum_fake(scores, chunk_size, window):
     B, H, T = scores.shape
     num_chunks = reference.tail_start(T, chunk_size, window) // chunk_size
@@ -147,6 +153,12 @@ WINDOW_SCORES = register(
     window_scores.window_scores_impl,
     window_scores_fake,
 )
+WINDOW_CHUNK_SCORES = register(
+    "window_chunk_scores(Tensor q_obs, Tensor k, Tensor? key_mask, float? scaling, "
+    "SymInt chunk_size) -> Tensor",
+    window_scores.window_chunk_scores_impl,
+    window_chunk_scores_fake,
+)
 CHUNK_SUM = register(
     "chunk_sum(Tensor scores, SymInt chunk_size, SymInt window) -> Tensor",
     chunk_sum.chunk_sum_impl,
@@ -184,6 +196,7 @@ CHUNK_BOUNDS = register(
 
 OPERATORS = {
     "window_scores": WINDOW_SCORES,
+    "window_chunk_scores": WINDOW_CHUNK_SCORES,
     "chunk_sum": CHUNK_SUM,
     "select_chunks": SELECT_CHUNKS,
     "gather_chunks": GATHER_CHUNKS,

@@ -16,7 +16,11 @@ from ..ops import reference
 from ..ops._checks import check_bool, check_chunking, check_int, check_pool_kernel
 from ..ops.kernels.chunk_sum import _chunk_sum
 from ..ops.kernels.select_chunks import _select_chunks
-from ..ops.kernels.window_scores import _window_scores, check_window_inputs
+from ..ops.kernels.window_scores import (
+    _window_chunk_scores,
+    _window_scores,
+    check_window_inputs,
+)
 from .base import Policy, Selection
 
 LAYER_BUDGETS = ("uniform", "pyramid")
@@ -137,8 +141,11 @@ class ChunkKV(Policy):
                 f"{None if q_obs is None else q_obs.shape[2]}"
             )
         check_window_inputs(q_obs, k, key_mask, scaling)
-        scores = _window_scores(q_obs, k, key_mask, scaling, self.pool_kernel)
-        chunk_scores = _chunk_sum(scores, self.chunk_size, self.window)
+        if self.pool_kernel == 1:  # steps 1-4 in two launches: no token scores in between
+            chunk_scores = _window_chunk_scores(q_obs, k, key_mask, scaling, self.chunk_size)
+        else:  # pooling crosses the kernels' key blocks: it runs on the token scores
+            scores = _window_scores(q_obs, k, key_mask, scaling, self.pool_kernel)
+            chunk_scores = _chunk_sum(scores, self.chunk_size, self.window)
         if self.sink_tokens:
             sinks = sink_chunk_mask(
                 key_mask, B, T, self.sink_tokens, self.chunk_size, chunk_scores.shape[2], k.device
