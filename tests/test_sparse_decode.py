@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from triton_chunkkv import ops
-from triton_chunkkv.ops import reference
+from triton_chunkkv.ops import occupancy, reference
 from triton_chunkkv.ops.kernels import sparse_decode as sparse_decode_kernel
 
 TOLERANCES = {
@@ -336,10 +336,77 @@ def test_bad_slot_layout_input_names_the_argument():
 def test_default_num_splits_fills_the_gpu_without_tiny_splits(monkeypatch):
     monkeypatch.setattr(sparse_decode_kernel, "multiprocessor_count", lambda device: 132)
     choose = sparse_decode_kernel.default_num_splits
-    assert choose(8, 100_000, "cuda") == 33  # B=1, 8 KV heads: ~2 waves over 132 SMs
-    assert choose(8, 300, "cuda") == 3  # short sets: at least 128 tokens per split
-    assert choose(4096, 100_000, "cuda") == 1  # the batch alone fills the GPU
-    assert choose(1, 10**7, "cuda") == sparse_decode_kernel.MAX_SPLITS
+    # bf16, D 128, g 4: 5 resident CTAs per SM (occupancy.SPARSE_DECODE_RESOURCES): 660 slots.
+    resident = occupancy.sparse_decode_ctas_per_sm(2, 128, 16)
+    assert resident == 5
+    assert choose(8, 3268, "cuda", resident) == 52  # B 1, T 32K, 10 %: 64-token splits
+    assert choose(8, 13102, "cuda", resident) == sparse_decode_kernel.MAX_SPLITS  # T 128K
+    assert choose(8, 300, "cuda", resident) == 5  # short sets: at least 64 tokens per split
+    assert choose(64, 3268, "cuda", resident) == 10  # B 8: one wave, 640 of the 660 slots
+    assert choose(4096, 100_000, "cuda", resident) == 1  # the batch alone fills the GPU
+    assert choose(1, 10**7, "cuda", resident) == sparse_decode_kernel.MAX_SPLITS
+    assert choose(8, 100_000, "cuda") == 16  # one resident CTA per SM: one wave of 128
+
+
+def test_sparse_decode_split_count_uses_the_launch_occupancy(monkeypatch):
+    """The auto split count comes from shapes and the compile report's resources only (the
+    same on every CUDA-graph replay): the element size, head dim and group pick the entry."""
+    seen = []
+    monkeypatch.setattr(
+        sparse_decode_kernel,
+        "default_num_splits",
+        lambda rows, tokens, device, ctas: seen.append((rows, tokens, ctas)) or 2,
+    )
+    case, _ = make_case(group=4, head_dim=128, dtype=torch.bfloat16)
+    ops.sparse_decode(**case)
+    B, Hkv = case["chunk_idx"].shape[:2]
+    s_max = case["k_cache"].shape[2]
+    assert seen == [(B * Hkv, 3 * 10 + s_max, 5)]
+
+
+def test_ctas_per_sm_follows_the_sm90_limits():
+    ctas = occupancy.ctas_per_sm
+    assert ctas(72, 21504, 4) == 7  # registers: 72 x 32 = 2304 per warp, 28 warps
+    assert ctas(90, 21504, 4) == 5  # 90 -> 96 x 32 per warp (units of 256), 21 warps
+    assert ctas(32, 0, 4) == 16  # threads: 2048 / 128
+    assert ctas(16, 0, 1) == 32  # blocks
+    assert ctas(40, 73728, 4) == 3  # shared memory: 228 KB / (72 KB + 1 KB)
+    assert ctas(255, 232448, 8) == 1
+    limits = occupancy.SMLimits(shared_bytes=100 * 1024)
+    assert ctas(40, 49152, 4, limits) == 2
+
+
+def test_occupancy_table_matches_the_compile_reports():
+    """Each entry is the maximum over the committed sm_90 reports (both Triton versions, every
+    cache layout) of the default config's registers and shared memory."""
+    import json
+    import re
+    from pathlib import Path
+
+    reports = sorted((Path(__file__).parent.parent / "benchmarks/compile_reports").glob("*.json"))
+    assert reports
+    found = {}
+    for path in reports:
+        for variant in json.loads(path.read_text())["variants"]:
+            if variant["kernel"] != "_sparse_decode_split_kernel":
+                continue
+            element_bytes = 4 if variant["dtype"] == "fp32" else 2
+            first = sparse_decode_kernel._sparse_decode_split_kernel.configs_for(
+                {"ELEMENT_BYTES": element_bytes}
+            )[0]
+            config = f"BLOCK_N={first.kwargs['BLOCK_N']} w{first.num_warps} s{first.num_stages}"
+            if variant["config"] != config:
+                continue
+            assert occupancy.SPARSE_DECODE_DEFAULT_WARPS[element_bytes] == first.num_warps
+            block_d = max(16, 1 << (variant["head_dim"] - 1).bit_length())
+            block_g = int(re.search(r"BLOCK_G=(\d+)", variant["id"]).group(1))
+            key = (element_bytes, block_d, block_g)
+            registers, shared = found.get(key, (0, 0))
+            found[key] = (
+                max(registers, variant["registers"]),
+                max(shared, variant["shared_bytes"]),
+            )
+    assert found == occupancy.SPARSE_DECODE_RESOURCES
 
 
 @pytest.mark.gpu

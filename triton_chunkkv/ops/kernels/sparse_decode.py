@@ -46,10 +46,12 @@ from .._runtime import (
     tuned,
     use_triton,
 )
+from ..occupancy import sparse_decode_ctas_per_sm
 
-# Below this many tokens a split's fixed cost (loading Q, writing and merging a partial)
-# outweighs the parallelism it adds.
-MIN_TOKENS_PER_SPLIT = 128
+# Below this many tokens (two BLOCK_N 32 steps) a split's fixed cost (loading Q, writing and
+# merging a partial: 2 KB at g 4, D 128, against 32 KB of bf16 K/V) outweighs the
+# parallelism it adds.
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 64
 # tl.dot needs M >= 16: the g query heads of a KV head are padded up to it.
 MIN_DOT_ROWS = 16
@@ -677,11 +679,13 @@ def sparse_decode_impl(
     tail_is_tensor = isinstance(tail_start, torch.Tensor)
     # Host-side bound on any row's retained length: shapes only, never the data.
     max_tokens = n_keep * chunk_size + S_max - (0 if tail_is_tensor else tail_start)
-    if num_splits is None:
-        num_splits = default_num_splits(B * Hkv, max_tokens, q.device)
-    scaling = D**-0.5 if scaling is None else scaling
     group = Hq // Hkv
     block_d = max(triton.next_power_of_2(D), MIN_DOT_ROWS)
+    block_g = max(triton.next_power_of_2(group * n), MIN_DOT_ROWS)
+    if num_splits is None:
+        resident = sparse_decode_ctas_per_sm(k_cache.element_size(), block_d, block_g)
+        num_splits = default_num_splits(B * Hkv, max_tokens, q.device, resident)
+    scaling = D**-0.5 if scaling is None else scaling
 
     partial_out = empty_output((B, Hq, n, num_splits, D), torch.float32, q.device)
     partial_max = empty_output((B, Hq, n, num_splits), torch.float32, q.device)
@@ -730,7 +734,7 @@ def sparse_decode_impl(
         HAS_ROW_OFFSET=row_offset is not None,
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         DOT_IN_FP32=dot_in_fp32(k_cache.dtype),
-        BLOCK_G=max(triton.next_power_of_2(group * n), MIN_DOT_ROWS),
+        BLOCK_G=block_g,
         BLOCK_D=block_d,
     )
     out = empty_output((B, Hq, n, D), q.dtype, q.device)
@@ -751,8 +755,15 @@ def sparse_decode_impl(
     return out[:, :, 0] if one_query else out
 
 
-def default_num_splits(batch_kv_heads: int, max_tokens: int, device: torch.device) -> int:
-    """Enough programs for about two waves over the GPU's SMs, but no split shorter than
-    ``MIN_TOKENS_PER_SPLIT`` tokens of the longest possible retained set."""
-    wanted = triton.cdiv(2 * multiprocessor_count(device), batch_kv_heads)
+def default_num_splits(
+    batch_kv_heads: int, max_tokens: int, device: torch.device, ctas_per_sm: int = 1
+) -> int:
+    """Splits per ``(b, h)`` from shapes alone (no host sync; the same on every CUDA-graph
+    replay): enough programs for one full wave of the GPU, ``ctas_per_sm`` resident CTAs on
+    each SM (:func:`..occupancy.sparse_decode_ctas_per_sm`, from the compile report), and no
+    more than one wave when the rows alone fill it; but no split shorter than
+    :data:`MIN_TOKENS_PER_SPLIT` tokens of the longest possible retained set, and at most
+    :data:`MAX_SPLITS`."""
+    resident = ctas_per_sm * multiprocessor_count(device)
+    wanted = max(1, resident // batch_kv_heads)
     return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
