@@ -26,8 +26,10 @@ CPU:
   before its launch. Not included: the driver's own ``cuLaunchKernelEx`` per launch (a few us
   each on a GPU host, counted above) and CUDA's part of each torch op.
 
-The fastest of ``--repeats`` runs of ``--calls`` calls, in microseconds per call (per layer for
-``compress_layers``). The first run also compiles every kernel variant it launches for sm_90.
+Host time is CPU time (``time.process_time``: one torch thread, so the process's CPU time is
+the calling thread's), not wall time, so that other jobs on a shared machine do not inflate it:
+the fastest of ``--repeats`` runs of ``--calls`` calls, in microseconds per call (per layer for
+``compress_layers``). The warm-up call compiles every kernel variant it launches for sm_90.
 """
 
 from __future__ import annotations
@@ -214,10 +216,10 @@ def host_us(seq_len: int, calls: int, repeats: int) -> dict:
             fn()  # compiles (once per kernel variant) and warms every cache
             best = float("inf")
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = time.process_time()
                 for _ in range(calls):
                     fn()
-                best = min(best, (time.perf_counter() - start) / calls)
+                best = min(best, (time.process_time() - start) / calls)
             results[name] = best / per * 1e6
     return results
 
@@ -255,7 +257,7 @@ def main(argv=None) -> None:
             torch.device("cpu"),
             "benchmarks.launches",
             argv or [],
-            "time.perf_counter, fastest of --repeats runs of --calls calls",
+            "time.process_time (CPU time), fastest of --repeats runs of --calls calls",
         )
         rows = [{"case": name, **counts[name], "host_us": times[name]} for name in counts]
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -40,8 +40,33 @@ TUNED_KERNELS: dict[str, TunedKernel] = {}
 INTERPRETER_LOCK = threading.Lock()
 
 
+# os.environ's own mapping of encoded names to encoded values (POSIX): ``os.environ.get`` costs
+# about 1 us a read (key encoding, the Mapping machinery, value decoding), and an op call reads
+# a few flags per launch. setenv, monkeypatch.setenv and del all update this mapping.
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def environment_value(name: bytes) -> bytes | None:
+    """The environment variable ``name`` (encoded), as ``os.environ`` holds it now."""
+    if _ENVIRON_DATA is not None:
+        return _ENVIRON_DATA.get(name)
+    value = os.environ.get(name.decode())
+    return None if value is None else value.encode()
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return environment_value(b"TRITON_INTERPRET") not in (None, b"", b"0")
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints (``triton.cdiv`` is a constexpr function: about 3 us a
+    host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` (1 for ``n <= 1``), for host ints."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def launch_lock():
@@ -116,14 +141,14 @@ def empty_output(shape, dtype, device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs. With ``TRITON_CHUNKKV_POISON_OUTPUTS=1`` (the tests
     set it) the buffer starts as NaN (floats) or -1 (ints), so an unwritten element shows."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if os.environ.get("TRITON_CHUNKKV_POISON_OUTPUTS") == "1":
+    if environment_value(b"TRITON_CHUNKKV_POISON_OUTPUTS") == b"1":
         out.fill_(float("nan") if out.is_floating_point() else -1)
     return out
 
 
 def bucket(n: int) -> int:
     """Power-of-two bucket used in autotune keys, so that every length does not re-tune."""
-    return 1 << max(int(n) - 1, 0).bit_length()
+    return next_power_of_2(n)
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -140,7 +165,13 @@ def _cuda_multiprocessor_count(index: int) -> int:
 
 
 def gpu_name() -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_")
+    """The current CUDA device's name as the committed autotune files are named."""
+    return _gpu_name(torch.cuda.current_device())
+
+
+@functools.cache
+def _gpu_name(index: int) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(index)).strip("_")
 
 
 @functools.cache
@@ -213,7 +244,7 @@ class TunedKernel:
             if interpreting():
                 with INTERPRETER_LOCK:
                     return self._launch_with(self.interpret_config, grid, args, kwargs)
-            if os.environ.get("TRITON_CHUNKKV_ONE_CONFIG") == "1":
+            if environment_value(b"TRITON_CHUNKKV_ONE_CONFIG") == b"1":
                 return self._launch_with(self.configs_for(kwargs)[0], grid, args, kwargs)
             committed = committed_configs(gpu_name()).get(self.name, {})
             config = committed.get(self.key_string(kwargs))

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_chunking, check_tensor
-from .._runtime import bucket, call_directly, empty_output, tuned, use_triton
+from .._runtime import bucket, call_directly, cdiv, empty_output, next_power_of_2, tuned, use_triton
 
 # Chunk positions are read in tiles of at most this many columns (a chunk of 10 reads 16).
 MAX_CHUNK_BLOCK = 64
@@ -40,7 +40,7 @@ def chunk_sum_impl(scores, chunk_size, window) -> torch.Tensor:
     out = empty_output((B, H, num_chunks), torch.float32, scores.device)
     if num_chunks == 0 or B * H == 0:
         return out
-    _chunk_sum_kernel[lambda meta: (B * H, triton.cdiv(num_chunks, meta["BLOCK_CHUNKS"]))](
+    _chunk_sum_kernel[lambda meta: (B * H, cdiv(num_chunks, meta["BLOCK_CHUNKS"]))](
         scores,
         out,
         *scores.stride(),
@@ -48,7 +48,7 @@ def chunk_sum_impl(scores, chunk_size, window) -> torch.Tensor:
         num_chunks,
         chunk_size,
         CHUNKS_BUCKET=bucket(num_chunks),
-        CHUNK_BLOCK=min(triton.next_power_of_2(chunk_size), MAX_CHUNK_BLOCK),
+        CHUNK_BLOCK=min(next_power_of_2(chunk_size), MAX_CHUNK_BLOCK),
     )
     return out
 

@@ -18,7 +18,16 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_dim, check_gqa, check_int, check_same, check_tensor
-from .._runtime import bucket, call_directly, dot_in_fp32, empty_output, tuned, use_triton
+from .._runtime import (
+    bucket,
+    call_directly,
+    cdiv,
+    dot_in_fp32,
+    empty_output,
+    next_power_of_2,
+    tuned,
+    use_triton,
+)
 from .select_chunks import _select_chunks
 
 # tl.dot needs M >= 16: the g query heads of a KV head are padded up to it.
@@ -130,7 +139,7 @@ def decode_chunk_scores_impl(q, kmin, kmax, chunk_counts) -> torch.Tensor:
     if out.numel() == 0:
         return out
     group = Hq // Hkv
-    _decode_chunk_scores_kernel[lambda meta: (B * Hkv, triton.cdiv(n, meta["BLOCK_N"]))](
+    _decode_chunk_scores_kernel[lambda meta: (B * Hkv, cdiv(n, meta["BLOCK_N"]))](
         q,
         kmin,
         kmax,
@@ -148,8 +157,8 @@ def decode_chunk_scores_impl(q, kmin, kmax, chunk_counts) -> torch.Tensor:
         HAS_CHUNK_COUNTS=chunk_counts is not None,
         DOT_IN_FP32=dot_in_fp32(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_G=max(triton.next_power_of_2(group), MIN_DOT_ROWS),
-        BLOCK_D=max(triton.next_power_of_2(D), 16),
+        BLOCK_G=max(next_power_of_2(group), MIN_DOT_ROWS),
+        BLOCK_D=max(next_power_of_2(D), 16),
     )
     return out
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_bool, check_int, check_key_value, check_same, check_tensor
-from .._runtime import bucket, call_directly, empty_output, tuned, use_triton
+from .._runtime import bucket, call_directly, cdiv, empty_output, next_power_of_2, tuned, use_triton
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -82,7 +82,7 @@ def gather_chunks_impl(k, v, chunk_idx, chunk_size, tail_start):
         return k_out, v_out
     # One flat grid axis: neither B * Hkv nor the row blocks can hit CUDA's 65535 limit of
     # the other axes.
-    _gather_chunks_kernel[lambda meta: (B * Hkv * triton.cdiv(out_len, meta["BLOCK_ROWS"]),)](
+    _gather_chunks_kernel[lambda meta: (B * Hkv * cdiv(out_len, meta["BLOCK_ROWS"]),)](
         k,
         v,
         chunk_idx,
@@ -99,7 +99,7 @@ def gather_chunks_impl(k, v, chunk_idx, chunk_size, tail_start):
         TOTAL_ROWS_BUCKET=bucket(B * Hkv * out_len),
         ELEMENT_BYTES=k.element_size(),
         HEAD_DIM=D,
-        BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_D=next_power_of_2(D),
     )
     return k_out, v_out
 

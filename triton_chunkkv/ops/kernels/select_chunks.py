@@ -22,7 +22,14 @@ import triton.language as tl
 
 from .. import reference
 from .._checks import check_bool, check_int, check_tensor
-from .._runtime import call_directly, empty_output, interpreting, launch_lock, use_triton
+from .._runtime import (
+    call_directly,
+    empty_output,
+    interpreting,
+    launch_lock,
+    next_power_of_2,
+    use_triton,
+)
 
 # A row up to this many chunks is held in registers (n <= 8192: T up to ~82K tokens at c 10);
 # longer rows are walked in tiles of it, each search step re-reading them from L1/L2.
@@ -59,7 +66,7 @@ def select_chunks_impl(chunk_scores, n_keep, share_heads) -> torch.Tensor:
     if out.numel() == 0:
         return out
     max_block = INTERPRET_MAX_BLOCK if interpreting() else MAX_BLOCK
-    block = min(max(triton.next_power_of_2(n), 16), max_block)
+    block = min(max(next_power_of_2(n), 16), max_block)
     with launch_lock():  # a plain @triton.jit kernel: the tuned ones take the lock themselves
         _select_chunks_kernel[(B if share_heads else B * H,)](
             chunk_scores,

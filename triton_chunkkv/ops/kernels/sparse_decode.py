@@ -39,10 +39,12 @@ from .._checks import (
 from .._runtime import (
     bucket,
     call_directly,
+    cdiv,
     dot_in_fp32,
     empty_output,
     launch_lock,
     multiprocessor_count,
+    next_power_of_2,
     tuned,
     use_triton,
 )
@@ -680,8 +682,8 @@ def sparse_decode_impl(
     # Host-side bound on any row's retained length: shapes only, never the data.
     max_tokens = n_keep * chunk_size + S_max - (0 if tail_is_tensor else tail_start)
     group = Hq // Hkv
-    block_d = max(triton.next_power_of_2(D), MIN_DOT_ROWS)
-    block_g = max(triton.next_power_of_2(group * n), MIN_DOT_ROWS)
+    block_d = max(next_power_of_2(D), MIN_DOT_ROWS)
+    block_g = max(next_power_of_2(group * n), MIN_DOT_ROWS)
     if num_splits is None:
         resident = sparse_decode_ctas_per_sm(k_cache.element_size(), block_d, block_g)
         num_splits = default_num_splits(B * Hkv, max_tokens, q.device, resident)
@@ -724,7 +726,7 @@ def sparse_decode_impl(
         *v_strides,
         *chunk_idx.stride(),
         *slot_strides,
-        TOKENS_PER_SPLIT_BUCKET=bucket(triton.cdiv(max_tokens, num_splits)),
+        TOKENS_PER_SPLIT_BUCKET=bucket(cdiv(max_tokens, num_splits)),
         ELEMENT_BYTES=k_cache.element_size(),
         GROUP=group,
         HEAD_DIM=D,
@@ -749,7 +751,7 @@ def sparse_decode_impl(
             num_splits,
             *out.stride(),
             HEAD_DIM=D,
-            BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_S=next_power_of_2(num_splits),
             BLOCK_D=block_d,
         )
     return out[:, :, 0] if one_query else out
@@ -766,4 +768,4 @@ def default_num_splits(
     :data:`MAX_SPLITS`."""
     resident = ctas_per_sm * multiprocessor_count(device)
     wanted = max(1, resident // batch_kv_heads)
-    return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(wanted, cdiv(max_tokens, MIN_TOKENS_PER_SPLIT), MAX_SPLITS))

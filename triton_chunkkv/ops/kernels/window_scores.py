@@ -41,9 +41,11 @@ from .._checks import (
 from .._runtime import (
     bucket,
     call_directly,
+    cdiv,
     dot_in_fp32,
     empty_output,
     multiprocessor_count,
+    next_power_of_2,
     tuned,
     use_triton,
 )
@@ -177,8 +179,8 @@ def key_splits(
     (``seq_len / splits * key_row_bytes``). Any value >= 1 is correct: a split left without a
     key stores ``m = -inf, l = 0`` and its pass-2 program writes nothing.
     """
-    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), programs)
-    splits = min(wanted, triton.cdiv(seq_len, MIN_KEYS_PER_SPLIT))
+    wanted = cdiv(PROGRAMS_PER_SM * multiprocessor_count(device), programs)
+    splits = min(wanted, cdiv(seq_len, MIN_KEYS_PER_SPLIT))
     if num_rows and key_row_bytes:
         affordable = seq_len * key_row_bytes * MERGE_BYTES_PER_KEY_BYTE / (8 * num_rows)
         splits = min(splits, math.isqrt(int(affordable)))
@@ -188,7 +190,7 @@ def key_splits(
 def split_length(seq_len: int, splits: int, align: int) -> int:
     """Keys per split: ``ceil(T / splits)`` rounded up to a multiple of ``align`` (so that a
     split boundary never cuts a chunk when the chunk sums are fused), at least ``align``."""
-    return max(align, triton.cdiv(triton.cdiv(seq_len, splits), align) * align)
+    return max(align, cdiv(cdiv(seq_len, splits), align) * align)
 
 
 def window_scores_triton(q_obs, k, key_mask, scaling) -> torch.Tensor:
@@ -222,7 +224,7 @@ def _window_kernels(q_obs, k, key_mask, scaling, chunk_size):
     key_mask_arg = key_mask.view(torch.uint8) if has_key_mask else k  # k: unread placeholder
     key_mask_strides = key_mask.stride() if has_key_mask else (0, 0)
 
-    programs = B * Hkv * triton.cdiv(num_rows, LARGEST_BLOCK_M)
+    programs = B * Hkv * cdiv(num_rows, LARGEST_BLOCK_M)
     splits = key_splits(T, programs, k.device, num_rows, D * k.element_size())
     # A split boundary never cuts a chunk of the fused chunk sums: multiples of lcm(c, 16).
     align = chunk_size * 16 // math.gcd(chunk_size, 16) if fused else 16
@@ -240,7 +242,7 @@ def _window_kernels(q_obs, k, key_mask, scaling, chunk_size):
         KEYS_PER_SPLIT_BUCKET=bucket(split_len),
         ELEMENT_BYTES=k.element_size(),
         HEAD_DIM=D,
-        HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
+        HEAD_DIM_PAD=max(16, next_power_of_2(D)),
         HAS_KEY_MASK=has_key_mask,
         # The interpreter's tl.dot returns garbage on bf16 operands.
         DOT_IN_FP32=dot_in_fp32(k.dtype),
@@ -254,7 +256,7 @@ def _window_kernels(q_obs, k, key_mask, scaling, chunk_size):
     row_sum = empty_output((B * Hkv, splits, num_rows), torch.float32, k.device)
     first_key = empty_output((B * Hkv, splits), torch.int32, k.device) if has_key_mask else row_max
     # Row blocks vary fastest: the programs reading the same keys run side by side (L2 reuse).
-    _window_stats_kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), splits, B * Hkv)](
+    _window_stats_kernel[lambda meta: (cdiv(num_rows, meta["BLOCK_M"]), splits, B * Hkv)](
         *tensors_and_strides, row_max, row_sum, first_key, **shared
     )
     # Each pass-2 program's merged (m, 1 / l) of every row: scratch, read back by the program.
@@ -270,7 +272,7 @@ def _window_kernels(q_obs, k, key_mask, scaling, chunk_size):
         num_chunks,
         chunk_size if fused else 1,
         CHUNK_SUMS=fused,
-        BLOCK_S=min(triton.next_power_of_2(splits), MAX_MERGE_BLOCK),
+        BLOCK_S=min(next_power_of_2(splits), MAX_MERGE_BLOCK),
         BLOCK_C=CHUNK_BLOCK,
         **shared,
     )
