@@ -143,8 +143,9 @@ class Inputs:
             row_offset=torch.tensor([row % 2 for row in range(B)], dtype=torch.int32),
             chunk_counts=torch.tensor([n_keep - row % 2 for row in range(B)], dtype=torch.int32),
         )
+        scores = reference.window_scores(self.q_obs, self.k, key_mask=self.key_mask)
         self.expected = {
-            "window_scores": reference.window_scores(self.q_obs, self.k, key_mask=self.key_mask),
+            "window_scores": (scores, reference.chunk_sum(scores, CHUNK_SIZE, WINDOW) / CHUNK_SIZE),
             "chunk_sum": reference.chunk_sum(self.scores, CHUNK_SIZE, WINDOW),
             "gather_chunks": reference.gather_chunks(
                 self.k, self.v, self.chunk_idx, CHUNK_SIZE, tail
@@ -168,8 +169,12 @@ class Inputs:
 
     def run(self, op: str):
         d = self.on_device
-        if op == "window_scores":
-            return ops.window_scores(d["q_obs"], d["k"], key_mask=d["key_mask"])
+        if op == "window_scores":  # both pass-2 variants: token scores, fused chunk sums
+            chunk_scores = ops.window_chunk_scores(
+                d["q_obs"], d["k"], CHUNK_SIZE, key_mask=d["key_mask"]
+            )
+            scores = ops.window_scores(d["q_obs"], d["k"], key_mask=d["key_mask"])
+            return scores, chunk_scores / CHUNK_SIZE  # per token: the scores' tolerance
         if op == "chunk_sum":
             return ops.chunk_sum(d["scores"], CHUNK_SIZE, WINDOW)
         if op == "gather_chunks":

@@ -4,6 +4,7 @@ end-to-end benchmarks, the regression check, the goal table and the plots never 
 import copy
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,28 @@ def test_e2e_smoke(tmp_path, monkeypatch):
 
 def test_gpu_suite_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_suite.sh")], check=True)
+
+
+def test_launch_counts_per_layer(tmp_path):
+    """``benchmarks.launches``: one compress layer is four kernel launches (window statistics,
+    window scores with the chunk sums, selection, gather), no torch op between them and no
+    host sync; a sparse decode step is two (split, merge). In a subprocess: the count needs
+    the kernels compiled, not interpreted (this process defined them for the interpreter)."""
+    out = tmp_path / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    env["TRITON_CHUNKKV_POISON_OUTPUTS"] = "0"  # poisoned outputs would add a fill each
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.launches", "--count-only", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    rows = {row["case"]: row for row in json.loads(out.read_text())["rows"]}
+    for case in ("compress B1", "compress_layers B1 N=1, per layer"):
+        assert (rows[case]["triton"], rows[case]["torch"], rows[case]["syncs"]) == (4, 0, 0)
+    reused = rows["compress_layers B1 N=4, per layer"]
+    assert (reused["triton"], reused["torch"]) == (1.75, 0)  # (4 + 3 gathers) / 4 layers
+    for layout in ("dense", "hf"):
+        decode = rows[f"sparse_decode B1 {layout}"]
+        assert (decode["triton"], decode["torch"], decode["syncs"]) == (2, 0, 0)
