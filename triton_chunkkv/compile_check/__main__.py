@@ -91,7 +91,7 @@ def record(calls):
                 autotuner.cache.clear()
             recorder.label = call.label
             recorder.dtype = call.dtype
-            recorder.head_dim = None if call.op == "chunk_sum" else call.head_dim
+            recorder.head_dim = None if call.op in ("chunk_sum", "select_chunks") else call.head_dim
             one = {"TRITON_CHUNKKV_ONE_CONFIG": "1" if call.first_config_only else "0"}
             with _environment(one):
                 call.launch()
@@ -222,6 +222,24 @@ class _Shutdown:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def kept_variants(args, committed: dict) -> dict:
+    """What a ``--write`` run keeps of the committed report: nothing after ``--full`` (the
+    whole matrix was compiled), everything after the CI subset (this run's variants are
+    merged in), and after ``--full --ops ...`` every variant but those launched only by these
+    ops (their whole matrix was compiled: a variant it no longer has is gone)."""
+    if not args.full:
+        return committed
+    if args.ops is None:
+        return {}
+    ops = set(args.ops)
+    variants = [
+        variant
+        for variant in committed.get("variants", [])
+        if not variant.get("calls") or any(call.split()[0] not in ops for call in variant["calls"])
+    ]
+    return {**committed, "variants": variants}
+
+
 def run_meta(args, argv) -> dict:
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
@@ -313,7 +331,7 @@ def main(argv=None) -> int:
     else:
         print(f"resources as in {path.name}")
     if args.write:  # --full replaces the report; a subset run updates its own variants
-        report.write(path, run_meta(args, argv), entries, {} if args.full else committed)
+        report.write(path, run_meta(args, argv), entries, kept_variants(args, committed))
         print(f"wrote {path}")
     for entry, why in failed:
         print(f"FAIL {entry['id']}: {'; '.join(why)}")

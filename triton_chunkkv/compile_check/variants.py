@@ -6,7 +6,8 @@ records one compile per kernel it launches and per autotune config that launch t
 every config of the active list is covered without naming configs here.
 
 * :func:`full_matrix`: every kernel x dtype (bf16, fp16, fp32) x head dim (64, 80, 96, 128,
-  256), key mask on/off, and the GQA groups 1/2/4/7/8 x dense/HF/slot cache layouts of the
+  256), key mask on/off (the window kernels with and without the fused chunk sums), the
+  selection kernel's block sizes, and the GQA groups 1/2/4/7/8 x dense/HF/slot cache layouts of the
   sparse decode (``--full``).
 * :func:`ci_subset`: what CI compiles on every run: bf16 at head dims 128 and 256 (the largest
   blocks: shared memory and spills), fp16 at 128, and the float32 lists at 128, with the key
@@ -46,6 +47,8 @@ class Call:
     queries: int = 1  # sparse_decode: the newest tokens at once (a question on a compressed cache)
     chunk_size: int = CHUNK_SIZE
     index_dtype: str = "int32"  # gather_chunks' chunk_idx
+    num_chunks: int = 406  # select_chunks: chunks per row (406: T 4100, c 10)
+    share_heads: bool = False  # select_chunks
     first_config_only: bool = False  # the first config of each list, not all of them
     seq_len: int = SEQ_LEN
     batch: int = 2
@@ -53,12 +56,21 @@ class Call:
 
     @property
     def label(self) -> str:
+        if self.op == "select_chunks":
+            return " ".join(
+                [self.op, self.dtype, f"n{self.num_chunks}"] + ["shared"] * self.share_heads
+            )
         parts = [self.op, self.dtype]
         if self.op != "chunk_sum":
             parts.append(f"D{self.head_dim}")
-        if self.op in ("window_scores", "sparse_decode", "decode_chunk_scores"):
+        if self.op in (
+            "window_scores",
+            "window_chunk_scores",
+            "sparse_decode",
+            "decode_chunk_scores",
+        ):
             parts.append(f"g{self.group}")
-        if self.op == "window_scores":
+        if self.op in ("window_scores", "window_chunk_scores"):
             parts.append("mask" if self.key_mask else "nomask")
         if self.op == "sparse_decode":
             parts.append(self.layout)
@@ -82,6 +94,17 @@ class Call:
             ops.window_scores(
                 empty(B, Hkv * self.group, WINDOW, D), empty(B, Hkv, T, D), key_mask=mask
             )
+        elif self.op == "window_chunk_scores":
+            mask = torch.ones(B, T, dtype=torch.bool) if self.key_mask else None
+            ops.window_chunk_scores(
+                empty(B, Hkv * self.group, WINDOW, D),
+                empty(B, Hkv, T, D),
+                self.chunk_size,
+                key_mask=mask,
+            )
+        elif self.op == "select_chunks":
+            scores = empty(B, Hkv, self.num_chunks)
+            ops.select_chunks(scores, self.num_chunks // 10, share_heads=self.share_heads)
         elif self.op == "chunk_sum":
             ops.chunk_sum(torch.rand(B, Hkv, T).to(dtype), self.chunk_size, WINDOW)
         elif self.op == "gather_chunks":
@@ -145,6 +168,7 @@ def full_matrix() -> list[Call]:
         for head_dim in HEAD_DIMS:
             for key_mask in (True, False):
                 calls.append(Call("window_scores", dtype, head_dim, key_mask=key_mask))
+                calls.append(Call("window_chunk_scores", dtype, head_dim, key_mask=key_mask))
             calls.append(Call("gather_chunks", dtype, head_dim))
             calls.append(Call("sparse_decode", dtype, head_dim))
             for group in GROUPS:
@@ -172,7 +196,22 @@ def full_matrix() -> list[Call]:
     for group in GROUPS:
         if group != 4:
             calls.append(Call("window_scores", "bf16", 128, group, first_config_only=True))
+            calls.append(Call("window_chunk_scores", "bf16", 128, group, first_config_only=True))
+    calls += select_calls()
+    for dtype in ("bf16", "fp16"):
+        calls.append(Call("select_chunks", dtype, num_chunks=3273))
     return calls
+
+
+def select_calls() -> list[Call]:
+    """The selection kernel's block sizes: 512 (T 4100), 4096 (8 warps; T 32K), 8192 (the
+    largest held in registers) and the tiled walk of longer rows, each with and without
+    ``share_heads``."""
+    return [
+        Call("select_chunks", "fp32", num_chunks=n, share_heads=shared)
+        for n in (406, 3273, 8188, 13104)
+        for shared in (False, True)
+    ]
 
 
 def ci_subset() -> list[Call]:
@@ -180,6 +219,7 @@ def ci_subset() -> list[Call]:
     for dtype, head_dim in (("bf16", 128), ("bf16", 256), ("fp16", 128), ("fp32", 128)):
         calls += [
             Call("window_scores", dtype, head_dim),
+            Call("window_chunk_scores", dtype, head_dim),
             Call("gather_chunks", dtype, head_dim),
             Call("sparse_decode", dtype, head_dim),
             Call("decode_chunk_scores", dtype, head_dim),
@@ -193,5 +233,7 @@ def ci_subset() -> list[Call]:
     for layout in ("dense", "slot"):
         calls.append(Call("sparse_decode", layout=layout, first_config_only=True))
     calls.append(Call("window_scores", key_mask=False, first_config_only=True))
+    calls.append(Call("window_chunk_scores", key_mask=False, first_config_only=True))
     calls += [Call("chunk_sum", "fp32", chunk_size=c) for c in (1, 10, 300)]
+    calls += select_calls()
     return calls

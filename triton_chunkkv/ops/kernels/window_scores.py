@@ -80,6 +80,15 @@ FLOAT32_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n}, num_warps=8, num_stages=2)
     for block_n in (32, 64)
 ]
+# Pass 2 (the merge, the scores, the chunk sums): without BLOCK 128 x 128 on 8 warps, 2 stages,
+# which spills 8 B at D 96 / 128 with a key mask with triton 3.9 (255 registers; 254 before
+# the merge moved into the kernel: benchmarks/compile_reports).
+SCORES_CONFIGS = [
+    config
+    for config in CONFIGS
+    if (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    != (128, 128, 8, 2)
+]
 LARGEST_BLOCK_M = max(config.kwargs["BLOCK_M"] for config in CONFIGS)
 # The interpreter pays per operation, not per element: large blocks keep the tests fast.
 INTERPRET_CONFIG = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128})
@@ -469,7 +478,7 @@ def _window_stats_kernel(
 
 
 @tuned(
-    configs=CONFIGS,
+    configs=SCORES_CONFIGS,
     float32_configs=FLOAT32_CONFIGS,
     interpret_config=INTERPRET_CONFIG,
     key=["ROWS_BUCKET", "KEYS_PER_SPLIT_BUCKET", "HEAD_DIM", "ELEMENT_BYTES"],
