@@ -249,21 +249,36 @@ def insert_at_depths(sentences: list[str], needles: list[tuple[float, str]]) -> 
     return out
 
 
+PASSKEY_INTRO = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."
+)
+PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
+PASSKEY_PREFIX = "The pass key is"
+
+
+def passkey_needle(rng) -> tuple[str, str]:
+    """A 5-digit pass key and the sentence stating it (the demo's prompt draws it too)."""
+    key = str(rng.randint(10000, 99999))
+    return key, f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_context(needle: str, sentences: list[str], depth: float) -> str:
+    """The instructions, then ``sentences`` with ``needle`` at ``depth``, in paragraphs."""
+    return PASSKEY_INTRO + "\n\n" + join_sentences(insert_at_depths(sentences, [(depth, needle)]))
+
+
 def passkey(
     tokenizer, *, length: int, depth: float, index: int, seed: int, overhead: int
 ) -> Example:
     rng = example_rng(seed, "passkey", length, depth, index)
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."
-    budget = length - overhead - count_tokens(tokenizer, intro + " " + needle)
-    sentences = insert_at_depths(haystack(rng, tokenizer, budget), [(depth, needle)])
+    key, needle = passkey_needle(rng)
+    budget = length - overhead - count_tokens(tokenizer, PASSKEY_INTRO + " " + needle)
     return Example(
         task="passkey",
         example_id=f"passkey-{length}-d{depth:g}-{index}",
-        context=intro + "\n\n" + join_sentences(sentences),
-        question="What is the pass key? Answer with the number only.",
-        answer_prefix="The pass key is",
+        context=passkey_context(needle, haystack(rng, tokenizer, budget), depth),
+        question=PASSKEY_QUESTION,
+        answer_prefix=PASSKEY_PREFIX,
         answer=key,
         scoring="first_number",
         length=length,
