@@ -113,7 +113,7 @@ class PasskeyPrompt(NamedTuple):
 
 def _render_passkey_prompt(tokenizer, needle: str, sentences: list[str], depth: float) -> str:
     from .eval import tasks
-    from .integrations.pipeline import prompt_segments
+    from .prompts import prompt_segments
 
     context = tasks.passkey_context(needle, sentences, depth)
     return "".join(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..integrations import pipeline
+from .. import prompts
 
 TASKS = ("passkey", "multikey", "multidoc", "vartrack", "fewshot", "arithmetic")
 # Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
@@ -522,13 +522,13 @@ def segment_ids(example: Example, tokenizer, chat: bool = True) -> tuple[list[in
     ``integrations.pipeline`` does."""
     context, question = _segments(example, tokenizer, chat)
     return (
-        pipeline.segment_ids(tokenizer, context, first=True, chat=chat)[0].tolist(),
-        pipeline.segment_ids(tokenizer, question, first=False, chat=chat)[0].tolist(),
+        prompts.segment_ids(tokenizer, context, first=True, chat=chat)[0].tolist(),
+        prompts.segment_ids(tokenizer, question, first=False, chat=chat)[0].tolist(),
     )
 
 
 def _segments(example: Example, tokenizer, chat: bool) -> tuple[str, str]:
-    return pipeline.prompt_segments(
+    return prompts.prompt_segments(
         tokenizer, example.context, example.question, example.answer_prefix, chat=chat
     )
 
