@@ -154,8 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-cell",
         type=arguments.int_at_least(1),
         default=2,
-        help="prompts per (length, depth) for passkey, per length for multikey "
-        "and multidoc, in all for arithmetic",
+        help="prompts per length for each task (pass keys take their depths from --depths in "
+        "turn), in all for arithmetic",
     )
     parser.add_argument(
         "--ratios",

@@ -545,8 +545,8 @@ GENERATORS = {
 def build_examples(
     tokenizer, tasks, *, lengths, depths=DEFAULT_DEPTHS, per_cell: int, seed: int, chat: bool = True
 ) -> list[Example]:
-    """Every example of ``tasks``: passkey ``per_cell`` times per (length, depth), multikey and
-    multidoc ``per_cell`` times per length, arithmetic ``per_cell`` times.
+    """Every example of ``tasks``: ``per_cell`` per length for each task (the pass-key ones
+    take their depths from ``depths`` in turn), ``per_cell`` in all for arithmetic.
 
     A prompt's total length (template and question included) comes within a sentence or so of
     the requested length.
@@ -560,14 +560,18 @@ def build_examples(
             examples += [arithmetic(tokenizer, index=i, seed=seed) for i in range(per_cell)]
             continue
         generator = GENERATORS[task]
-        grid = [dict(depth=d) for d in depths] if task == "passkey" else [{}]
+        cells = [
+            {"depth": depths[index % len(depths)]} if task == "passkey" else {}
+            for index in range(per_cell)
+        ]
         # The tokens around the context: a bare example (no filler) rendered as a prompt.
-        bare = generator(tokenizer, length=0, index=0, seed=seed, overhead=0, **grid[0])
+        bare = generator(tokenizer, length=0, index=0, seed=seed, overhead=0, **cells[0])
         overhead = len(prompt_ids(bare, tokenizer, chat)) - count_tokens(tokenizer, bare.context)
         examples += [
-            generator(tokenizer, length=length, index=index, seed=seed, overhead=overhead, **cell)
+            generator(
+                tokenizer, length=length, index=index, seed=seed, overhead=overhead, **cells[index]
+            )
             for length in lengths
-            for cell in grid
             for index in range(per_cell)
         ]
     return examples
