@@ -70,6 +70,19 @@ def ensure_compiled_kernels(argv) -> None:
         os.execve(sys.executable, command, env)
 
 
+def kept_entries(args, committed: dict, entries: list[dict]) -> dict:
+    """What of the committed report a ``--write`` keeps: everything for a subset run (it only
+    updates its variants); for ``--full``, nothing, or with ``--ops`` the other kernels'
+    variants (the run replaces its kernels' variants, dropping those of removed configs)."""
+    if not args.full:
+        return committed
+    if args.ops is None:
+        return {}
+    replaced = {entry["id"].split()[0] for entry in entries}
+    variants = [v for v in committed.get("variants", []) if v["id"].split()[0] not in replaced]
+    return {**committed, "variants": variants}
+
+
 def calls_for(args):
     from . import variants
 
@@ -313,7 +326,7 @@ def main(argv=None) -> int:
     else:
         print(f"resources as in {path.name}")
     if args.write:  # --full replaces the report; a subset run updates its own variants
-        report.write(path, run_meta(args, argv), entries, {} if args.full else committed)
+        report.write(path, run_meta(args, argv), entries, kept_entries(args, committed, entries))
         print(f"wrote {path}")
     for entry, why in failed:
         print(f"FAIL {entry['id']}: {'; '.join(why)}")
