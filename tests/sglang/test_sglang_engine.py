@@ -77,7 +77,8 @@ def prompts(small_model):
 
     from transformers import AutoTokenizer
 
-    from triton_chunkkv.models import filler_sentence, passkey_prompt
+    from triton_chunkkv.eval.tasks import filler_sentence
+    from triton_chunkkv.models import passkey_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(small_model)
 
