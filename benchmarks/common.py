@@ -21,12 +21,13 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from triton_chunkkv.provenance import device_name, git_commit
 
 SCHEMA = 1
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,22 +67,6 @@ def pick_device(name: str | None, cpu_threads: int = 1) -> torch.device:
     return device
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 def device_slug(device: torch.device) -> str:
     """File-name form of the device: ``cpu`` or the GPU's name (``NVIDIA_H100_80GB_HBM3``)."""
     if device.type == "cuda":
@@ -89,31 +74,6 @@ def device_slug(device: torch.device) -> str:
 
         return gpu_name()
     return "cpu"
-
-
-def git_commit() -> str:
-    """Short commit of the working tree, ``+dirty`` when it has changes; ``CHUNKKV_COMMIT``
-    when there is no git checkout (the device machine gets a copy of the tree without .git)."""
-    if os.environ.get("CHUNKKV_COMMIT"):
-        return os.environ["CHUNKKV_COMMIT"]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty.strip() else "")
 
 
 def run_meta(device: torch.device, module: str, argv, timer: str, **extra) -> dict:

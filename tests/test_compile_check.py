@@ -82,23 +82,25 @@ def test_report_is_sorted_merged_and_diffed(tmp_path):
     assert merged["compile_seconds"]["b"] == 2.0
 
 
-def test_a_full_run_of_some_ops_replaces_only_their_variants():
+def test_a_full_run_of_some_ops_replaces_only_their_kernels_variants():
     from argparse import Namespace
 
-    from triton_chunkkv.compile_check.__main__ import kept_variants
+    from triton_chunkkv.compile_check.__main__ import kept_entries
 
     committed = {
         "variants": [
-            entry(id="stale", calls=["window_scores bf16 D128 g4 mask"]),
-            entry(id="shared", calls=["window_scores bf16 D128 g4 mask", "sparse_decode bf16"]),
-            entry(id="other", calls=["gather_chunks bf16 D128"]),
+            entry(id="_window_scores_kernel bf16 D128 | BLOCK_M=128 w8 s2"),  # a dropped config
+            entry(id="_window_stats_kernel bf16 D128 | BLOCK_M=64 w4 s3"),
+            entry(id="_gather_chunks_kernel bf16 D128 | BLOCK=64 w4 s1"),
         ]
     }
-    ids = lambda kept: [v["id"] for v in kept.get("variants", [])]  # noqa: E731
+    compiled = [entry(id="_window_scores_kernel bf16 D128 | BLOCK_M=64 w4 s3")]
+    ids = lambda kept: [v["id"].split()[0] for v in kept.get("variants", [])]  # noqa: E731
     ops = ["window_scores", "window_chunk_scores"]
-    assert ids(kept_variants(Namespace(full=True, ops=ops), committed)) == ["shared", "other"]
-    assert ids(kept_variants(Namespace(full=True, ops=None), committed)) == []
-    assert kept_variants(Namespace(full=False, ops=ops), committed) is committed
+    kept = kept_entries(Namespace(full=True, ops=ops), committed, compiled)
+    assert ids(kept) == ["_window_stats_kernel", "_gather_chunks_kernel"]
+    assert ids(kept_entries(Namespace(full=True, ops=None), committed, compiled)) == []
+    assert kept_entries(Namespace(full=False, ops=ops), committed, compiled) is committed
 
 
 def test_resource_line_of_cuobjdump():

@@ -43,8 +43,11 @@ def test_examples_are_deterministic_per_seed(tokenizer):
     other = build_examples(tokenizer, TASKS, seed=4, **options)
     assert [e.example_id for e in first] == [e.example_id for e in other]
     assert all(a.context != b.context for a, b in zip(first, other))
-    # passkey per (length, depth), multikey, multidoc, vartrack, fewshot per length, arithmetic
-    assert len({e.example_id for e in first}) == len(first) == 2 * (2 * 3 + 2 + 2 + 2 + 2 + 1)
+    # per_cell per length for the five generated tasks (pass keys cycling through the depths),
+    # per_cell in all for arithmetic
+    assert len({e.example_id for e in first}) == len(first) == 2 * 2 * 5 + 2
+    passkeys = [e for e in first if e.task == "passkey"]
+    assert [e.depth for e in passkeys] == [0.0, 0.5] * 2
 
 
 def test_the_answer_is_in_the_prompt(tokenizer):
@@ -76,7 +79,7 @@ def test_prompts_come_close_to_the_requested_length(tokenizer, length):
 
 def test_needle_depth_places_the_fact(tokenizer):
     start, end = build_examples(
-        tokenizer, ["passkey"], lengths=[800], depths=[0.0, 1.0], per_cell=1, seed=0
+        tokenizer, ["passkey"], lengths=[800], depths=[0.0, 1.0], per_cell=2, seed=0
     )
     assert start.context.index(start.answer) < len(start.context) * 0.2
     assert end.context.index(end.answer) > len(end.context) * 0.8
@@ -300,7 +303,7 @@ def test_tiny_model_runs_the_whole_pipeline(tmp_path, monkeypatch, one_thread):
     out = tmp_path / "run"
     assert cli.run(cli_args(out)) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 3 * (1 + 6 * 2)  # 3 prompts x (fullkv + 6 methods x 2 ratios)
+    assert len(records) == 2 * (1 + 6 * 2)  # 2 prompts x (fullkv + 6 methods x 2 ratios)
     for record in records:
         T, budget, kept = record["prompt_tokens"], record["budget"], record["kept_tokens"]
         method = record["method"].partition(":")[0]
@@ -339,7 +342,7 @@ def test_both_settings_run_and_report_side_by_side(tmp_path, monkeypatch, one_th
     assert cli.run(args) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["setting"] for r in records} == {"question-aware", "question-agnostic"}
-    assert len(records) == 2 * 3 * (1 + 2 * 2)  # settings x prompts x (fullkv + 2 x 2 ratios)
+    assert len(records) == 2 * 2 * (1 + 2 * 2)  # settings x prompts x (fullkv + 2 x 2 ratios)
     for record in records:
         if record["method"] == dynamic:  # what a step reads: at most the budget per layer
             assert all(n <= record["budget"] for n in record["kept_tokens"])

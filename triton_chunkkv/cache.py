@@ -368,15 +368,7 @@ def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
         )
     outputs = []
     for i in range(q_len):  # one query at a time: each selects its own chunks
-        chunk_idx = select_decode_chunks(
-            query[:, :, i],
-            index.kmin,
-            index.kmax,
-            index.n_keep,
-            keep_counts=index.keep_counts,
-            chunk_counts=index.chunk_counts,
-            validate=False,
-        )
+        chunk_idx = step_chunks(query[:, :, i], index)
         outputs.append(
             sparse_decode(
                 query[:, :, i],
@@ -394,6 +386,20 @@ def sparse_attention(query, key, value, index, *, key_start, scaling, validate):
     return torch.stack(outputs, dim=2)
 
 
+def step_chunks(query, index: DynamicIndex) -> torch.Tensor:
+    """int32 ``[B, Hkv, n_keep]``: the chunks a dynamic-mode step with ``query [B, Hq, D]``
+    reads, each row's first ``keep_counts[b]`` of them (no host sync)."""
+    return select_decode_chunks(
+        query,
+        index.kmin,
+        index.kmax,
+        index.n_keep,
+        keep_counts=index.keep_counts,
+        chunk_counts=index.chunk_counts,
+        validate=False,
+    )
+
+
 def dynamic_read_mask(query, index: DynamicIndex, kv_len: int) -> torch.Tensor:
     """bool ``[1, Hkv, q, kv]``: the cache indices each of the ``q`` newest tokens of a
     batch-1 dynamic-mode layer reads (its own best chunks, the dense range up to itself): what
@@ -401,15 +407,7 @@ def dynamic_read_mask(query, index: DynamicIndex, kv_len: int) -> torch.Tensor:
     q_len = query.shape[2]
     masks = []
     for i in range(q_len):
-        chunk_idx = select_decode_chunks(
-            query[:, :, i],
-            index.kmin,
-            index.kmax,
-            index.n_keep,
-            keep_counts=index.keep_counts,
-            chunk_counts=index.chunk_counts,
-            validate=False,
-        )
+        chunk_idx = step_chunks(query[:, :, i], index)
         seq_len = kv_len - q_len + i + 1
         masks.append(
             reference.retained_mask(

@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=arguments.int_at_least(1),
         default=1000,
         help="length of the generated pass-key prompt: at most this many tokens, short of it "
-        "by less than one filler sentence (at most 14 tokens with the default model); at least "
-        "the prompt without filler (95 tokens with the default model) (default: 1000)",
+        "by less than one filler sentence (at most 19 tokens with the default model); at least "
+        "the prompt without filler (94 tokens with the default model) (default: 1000)",
     )
     parser.add_argument(
         "--depth",

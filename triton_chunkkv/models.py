@@ -100,96 +100,24 @@ def max_positions(path=None) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pass-key retrieval prompt
+# Pass-key retrieval prompt: the evaluation's passkey task (eval/tasks.py), fitted to a length
 # ---------------------------------------------------------------------------------------------
-
-SUBJECTS = [
-    "The river",
-    "A quiet town",
-    "The old library",
-    "Our neighbour",
-    "The morning train",
-    "A small bakery",
-    "The mountain path",
-    "The museum guide",
-    "A local farmer",
-    "The city park",
-    "An evening storm",
-    "The school choir",
-]
-VERBS = [
-    "opened",
-    "passed",
-    "welcomed",
-    "carried",
-    "painted",
-    "visited",
-    "followed",
-    "crossed",
-    "watched",
-    "remembered",
-]
-OBJECTS = [
-    "a crowd of tourists",
-    "the northern bridge",
-    "fresh bread and apples",
-    "a long wooden table",
-    "the autumn festival",
-    "a box of letters",
-    "the harbour lights",
-    "a row of tall trees",
-    "the empty market",
-    "a song about the sea",
-]
-ENDINGS = [
-    "before noon.",
-    "as usual.",
-    "without a word.",
-    "in the rain.",
-    "after lunch.",
-    "for the third time.",
-    "near the station.",
-    "with great care.",
-]
-
-
-# The assistant's answer starts here, so that the next tokens are the digits themselves.
-ANSWER_PREFIX = "The pass key is"
 
 
 class PasskeyPrompt(NamedTuple):
-    text: str  # the chat-formatted prompt, ending with ANSWER_PREFIX (no special tokens to add)
+    text: str  # the chat-formatted prompt, ending with the answer prefix (no special tokens)
     passkey: str  # the digits the answer must contain
     depth: float  # where the fact sits in the filler, 0 (start) to 1 (end)
     num_tokens: int  # the prompt's length in tokens
 
 
-def filler_sentence(rng: random.Random) -> str:
-    return " ".join(
-        [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(ENDINGS)]
-    )
+def _render_passkey_prompt(tokenizer, needle: str, sentences: list[str], depth: float) -> str:
+    from .eval import tasks
+    from .prompts import prompt_segments
 
-
-PASSKEY_INTRO = (
-    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. I "
-    "will ask you about it."
-)
-PASSKEY_QUESTION = "What is the pass key?"
-
-
-def _draw_passkey(rng: random.Random) -> tuple[str, str]:
-    """The pass key and the sentence stating it."""
-    passkey = str(rng.randint(10000, 99999))
-    return passkey, f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
-
-
-def _build_passkey_prompt(tokenizer, fact: str, sentences: list[str], depth: float) -> str:
-    at = round(depth * len(sentences))
-    body = " ".join(sentences[:at] + [fact] + sentences[at:])
-    messages = [{"role": "user", "content": f"{PASSKEY_INTRO}\n\n{body}\n\n{PASSKEY_QUESTION}"}]
-    return (
-        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        + ANSWER_PREFIX
+    context = tasks.passkey_context(needle, sentences, depth)
+    return "".join(
+        prompt_segments(tokenizer, context, tasks.PASSKEY_QUESTION, tasks.PASSKEY_PREFIX)
     )
 
 
@@ -199,27 +127,31 @@ def _num_tokens(tokenizer, text: str) -> int:
 
 def passkey_prompt_min_tokens(tokenizer, seed=0) -> int:
     """The shortest pass-key prompt: the chat template, instructions, fact and question with no
-    filler (95 tokens with SmolLM2's tokenizer)."""
-    _, fact = _draw_passkey(random.Random(seed))
-    return _num_tokens(tokenizer, _build_passkey_prompt(tokenizer, fact, [], 0))
+    filler (94 tokens with SmolLM2's tokenizer)."""
+    from .eval import tasks
+
+    _, needle = tasks.passkey_needle(random.Random(seed))
+    return _num_tokens(tokenizer, _render_passkey_prompt(tokenizer, needle, [], 0))
 
 
 def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyPrompt:
     """A chat prompt of varied filler sentences with the pass key stated once at ``depth``, the
-    question, and the start of the answer (:data:`ANSWER_PREFIX`): the next 6 tokens are " "
+    question, and the start of the answer ("The pass key is"): the next 6 tokens are " "
     and the five digits. The same ``seed`` gives the same prompt.
 
     Its length is at most ``num_tokens``, and short of it by less than one filler sentence
-    (9 to 14 tokens with SmolLM2's tokenizer): sentences are added while the prompt fits.
+    (8 to 19 tokens with SmolLM2's tokenizer): sentences are added while the prompt fits.
     ``num_tokens`` below :func:`passkey_prompt_min_tokens` (no filler at all) is a ValueError.
     """
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    from .eval import tasks
+
     rng = random.Random(seed)
-    passkey, fact = _draw_passkey(rng)
+    passkey, needle = tasks.passkey_needle(rng)
 
     def length(sentences: list[str]) -> int:
-        return _num_tokens(tokenizer, _build_passkey_prompt(tokenizer, fact, sentences, depth))
+        return _num_tokens(tokenizer, _render_passkey_prompt(tokenizer, needle, sentences, depth))
 
     if num_tokens < length([]):
         raise ValueError(
@@ -229,7 +161,7 @@ def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyP
 
     sentences: list[str] = []
     while True:  # grow in steps of ~10 %, then trim to the largest prompt within num_tokens
-        batch = [filler_sentence(rng) for _ in range(max(1, num_tokens // 100))]
+        batch = [tasks.filler_sentence(rng) for _ in range(max(1, num_tokens // 100))]
         if length(sentences + batch) > num_tokens:
             break
         sentences += batch
@@ -237,5 +169,5 @@ def passkey_prompt(tokenizer, *, num_tokens=1000, depth=0.5, seed=0) -> PasskeyP
         if length(sentences + [extra]) > num_tokens:
             break
         sentences.append(extra)
-    text = _build_passkey_prompt(tokenizer, fact, sentences, depth)
+    text = _render_passkey_prompt(tokenizer, needle, sentences, depth)
     return PasskeyPrompt(text, passkey, depth, _num_tokens(tokenizer, text))

@@ -7,9 +7,9 @@ prefill of 128 tokens, the radix cache on. Each Engine runs in a process of its 
 (``engine_run.py``) with the ``sgl_kernel`` stub (``stubs/``) on its path; the plugin comes in
 through the installed entry point, as in a server.
 
-Prompts: ``long``, the 394-token pass-key prompt (four prefill chunks; its observation window
+Prompts: ``long``, the 395-token pass-key prompt (four prefill chunks; its observation window
 spans the last two), and ``short``, a 60-token text. The ``chunkkv`` engine keeps
-``floor(0.2 * 394)`` tokens per KV head: the long prompt is compressed exactly as at ratio 0.2,
+``floor(0.2 * 395)`` tokens per KV head: the long prompt is compressed exactly as at ratio 0.2,
 the short one fits the budget. Its report (``get_server_info()``) holds every retained set. A
 third Engine runs the same budget with ``CHUNKKV_MODE=dynamic``: ``long`` alone, then ``long``
 and ``short`` in one batch.
@@ -77,7 +77,8 @@ def prompts(small_model):
 
     from transformers import AutoTokenizer
 
-    from triton_chunkkv.models import filler_sentence, passkey_prompt
+    from triton_chunkkv.eval.tasks import filler_sentence
+    from triton_chunkkv.models import passkey_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(small_model)
 
@@ -89,7 +90,7 @@ def prompts(small_model):
     while len(ids(short + filler_sentence(rng))) <= 60:
         short += filler_sentence(rng) + " "
     prompts = {"long": ids(passkey_prompt(tokenizer, num_tokens=400).text), "short": ids(short)}
-    assert len(prompts["long"]) == 394
+    assert len(prompts["long"]) == 395
     assert WINDOW < len(prompts["short"]) <= math.floor(RATIO * len(prompts["long"]))
     # No shared prefix: the long prompt's first run starts its chunks at position 0.
     assert prompts["short"][0] != prompts["long"][0]
@@ -254,7 +255,7 @@ def test_dynamic_mode_decodes_as_the_transformers_adapter_does(served, prompts, 
     tail_start = 10 * ((prompt_len - WINDOW) // 10)
     assert report["selections"][first["rid"]] == {
         "prompt_len": prompt_len,
-        "budget": 78,
+        "budget": math.floor(RATIO * prompt_len),
         "chunk_size": 10,
         "kept": [4 * 10 + prompt_len - tail_start] * LAYERS,
         "mode": "dynamic",

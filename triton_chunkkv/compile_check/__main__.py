@@ -70,6 +70,19 @@ def ensure_compiled_kernels(argv) -> None:
         os.execve(sys.executable, command, env)
 
 
+def kept_entries(args, committed: dict, entries: list[dict]) -> dict:
+    """What of the committed report a ``--write`` keeps: everything for a subset run (it only
+    updates its variants); for ``--full``, nothing, or with ``--ops`` the other kernels'
+    variants (the run replaces its kernels' variants, dropping those of removed configs)."""
+    if not args.full:
+        return committed
+    if args.ops is None:
+        return {}
+    replaced = {entry["id"].split()[0] for entry in entries}
+    variants = [v for v in committed.get("variants", []) if v["id"].split()[0] not in replaced]
+    return {**committed, "variants": variants}
+
+
 def calls_for(args):
     from . import variants
 
@@ -222,24 +235,6 @@ class _Shutdown:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def kept_variants(args, committed: dict) -> dict:
-    """What a ``--write`` run keeps of the committed report: nothing after ``--full`` (the
-    whole matrix was compiled), everything after the CI subset (this run's variants are
-    merged in), and after ``--full --ops ...`` every variant but those launched only by these
-    ops (their whole matrix was compiled: a variant it no longer has is gone)."""
-    if not args.full:
-        return committed
-    if args.ops is None:
-        return {}
-    ops = set(args.ops)
-    variants = [
-        variant
-        for variant in committed.get("variants", [])
-        if not variant.get("calls") or any(call.split()[0] not in ops for call in variant["calls"])
-    ]
-    return {**committed, "variants": variants}
-
-
 def run_meta(args, argv) -> dict:
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
@@ -331,7 +326,7 @@ def main(argv=None) -> int:
     else:
         print(f"resources as in {path.name}")
     if args.write:  # --full replaces the report; a subset run updates its own variants
-        report.write(path, run_meta(args, argv), entries, kept_variants(args, committed))
+        report.write(path, run_meta(args, argv), entries, kept_entries(args, committed, entries))
         print(f"wrote {path}")
     for entry, why in failed:
         print(f"FAIL {entry['id']}: {'; '.join(why)}")

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .. import arguments
 from ..arguments import UsageError
 from ..models import DEFAULT_MAX_POSITIONS, max_positions
 from ..policies import POLICIES
+from ..provenance import device_name, git_commit
 from .loading import DEFAULT_MODEL, TINY_MODEL
 from .tasks import DEFAULT_DEPTHS, SETTINGS, TASKS
 
@@ -155,8 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--per-cell",
         type=arguments.int_at_least(1),
         default=2,
-        help="prompts per (length, depth) for passkey, per length for multikey "
-        "and multidoc, in all for arithmetic",
+        help="prompts per length for each task (pass keys take their depths from --depths in "
+        "turn), in all for arithmetic",
     )
     parser.add_argument(
         "--ratios",
@@ -214,25 +213,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only rewrite OUT/report.md from OUT/results.jsonl",
     )
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def run(args) -> int:

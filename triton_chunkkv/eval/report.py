@@ -124,6 +124,26 @@ def accuracy_tables(records, methods, ratios, tasks) -> str:
     return "\n\n".join(out)
 
 
+def read_share(record) -> float:
+    """What one decode step reads of the full cache, mean over layers: the kept (or, in
+    dynamic mode, selected) tokens plus any key bounds, over the prompt's tokens."""
+    bounds = record.get("bound_tokens") or [0] * len(record["kept_tokens"])
+    T = record["prompt_tokens"]
+    return mean((kept + bound) / T for kept, bound in zip(record["kept_tokens"], bounds))
+
+
+def read_table(records, methods, ratios) -> str:
+    """Mean share of the full KV cache a decode step reads, per method and budget."""
+    rows = []
+    for m in methods:
+        cells = []
+        for r in ratios:
+            subset = [x for x in records if x["method"] == m and x["ratio"] == method_ratio(m, r)]
+            cells.append(f"{100 * mean(read_share(x) for x in subset):.1f}" if subset else "–")
+        rows.append([f"`{m}`", *cells])
+    return markdown_table(["method"] + [f"budget {ratio_label(r)}" for r in ratios], rows)
+
+
 def goal_table(records, methods, ratios, tasks, setting) -> str:
     """The fidelity goals over the counted tasks, for every method that is neither FullKV nor
     a baseline: its accuracy relative to the full cache at the goal's budget, and its paired
@@ -429,6 +449,13 @@ def write_report(results_dir: Path) -> Path:
         subset = [r for r in records if setting_of(r) == setting]
         title = "## Accuracy" if len(settings) == 1 else f"## Accuracy, {setting}"
         sections += [title, SETTING_NOTES[setting], accuracy_tables(subset, methods, ratios, tasks)]
+    sections += [
+        "## What a decode step reads",
+        "Share of the full KV cache in % (mean over prompts and layers): the kept tokens, or in "
+        "dynamic mode the tokens a step selects plus the key bounds it scores (two K rows a "
+        "chunk, one token's K and V).",
+        read_table(records, methods, ratios),
+    ]
     by_length = passkey_length_table(aware, methods, ratios)
     if by_length:
         sections += [

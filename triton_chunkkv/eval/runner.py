@@ -181,6 +181,14 @@ def dynamic_read_length(index, seq_len: int) -> int:
     return int(index.keep_counts[0]) * index.chunk_size + seq_len - int(index.tail_start[0])
 
 
+def bound_tokens(run) -> list[int] | None:
+    """Per layer, the token-equivalents of key bounds a dynamic-mode step reads (``None``
+    outside dynamic mode, or for an adapter run, which does not expose them)."""
+    if run.method.mode != "dynamic" or run.tokens is not None:
+        return None
+    return [int(index.chunk_counts[0]) for _, _, index in run.selections]
+
+
 def in_batches(fn, model, pre, caches, max_batch: int, *args) -> list:
     """``fn(model, pre, caches, *args)`` over groups of at most ``max_batch`` caches."""
     out = []
@@ -372,6 +380,9 @@ def run_prompt(
             "ratio": run.ratio,
             "budget": run.budget,
             "kept_tokens": run.kept,
+            # Dynamic mode also reads every chunk's key bounds each step: two K rows a chunk,
+            # the bytes of one token's K and V (per layer).
+            "bound_tokens": bound_tokens(run),
             "answer": example.answer,
             "prediction": text,
             "extracted": extracted,

@@ -13,9 +13,9 @@ sizes; with four keys or six documents it mostly fails even then, and compressio
 measured against noise.)
 * ``vartrack``: variable tracking (RULER's): ``VAR XQT = 48213.``, then ``hops`` assignments
   ``VAR MBA = VAR XQT.`` along a chain, and a distractor chain with another value, at random
-  depths; the question asks for the chain's last variable. The default is one hop (the 135M
-  default model cannot follow two with the full cache), so the assignment and the names
-  around it must survive.
+  depths; the question asks for the chain's last variable. The default is no hop (the 135M
+  default model follows none with the full cache: 0 of 6 at 1K-3K tokens), so the question
+  names the assigned variable among distractor assignments, and the assignment must survive.
 * ``fewshot``: in-context classification with arbitrary labels: items of two categories
   (animals, fruits, tools, ...) labelled with two random words, the exemplars in one block at
   a random depth of the filler; the question gives a new item, which only the exemplars'
@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..integrations import pipeline
+from .. import prompts
 
 TASKS = ("passkey", "multikey", "multidoc", "vartrack", "fewshot", "arithmetic")
 # Question-aware: the question is inside the compressed prompt. Question-agnostic: the context
@@ -249,21 +249,36 @@ def insert_at_depths(sentences: list[str], needles: list[tuple[float, str]]) -> 
     return out
 
 
+PASSKEY_INTRO = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."
+)
+PASSKEY_QUESTION = "What is the pass key? Answer with the number only."
+PASSKEY_PREFIX = "The pass key is"
+
+
+def passkey_needle(rng) -> tuple[str, str]:
+    """A 5-digit pass key and the sentence stating it (the demo's prompt draws it too)."""
+    key = str(rng.randint(10000, 99999))
+    return key, f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def passkey_context(needle: str, sentences: list[str], depth: float) -> str:
+    """The instructions, then ``sentences`` with ``needle`` at ``depth``, in paragraphs."""
+    return PASSKEY_INTRO + "\n\n" + join_sentences(insert_at_depths(sentences, [(depth, needle)]))
+
+
 def passkey(
     tokenizer, *, length: int, depth: float, index: int, seed: int, overhead: int
 ) -> Example:
     rng = example_rng(seed, "passkey", length, depth, index)
-    key = str(rng.randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it."
-    budget = length - overhead - count_tokens(tokenizer, intro + " " + needle)
-    sentences = insert_at_depths(haystack(rng, tokenizer, budget), [(depth, needle)])
+    key, needle = passkey_needle(rng)
+    budget = length - overhead - count_tokens(tokenizer, PASSKEY_INTRO + " " + needle)
     return Example(
         task="passkey",
         example_id=f"passkey-{length}-d{depth:g}-{index}",
-        context=intro + "\n\n" + join_sentences(sentences),
-        question="What is the pass key? Answer with the number only.",
-        answer_prefix="The pass key is",
+        context=passkey_context(needle, haystack(rng, tokenizer, budget), depth),
+        question=PASSKEY_QUESTION,
+        answer_prefix=PASSKEY_PREFIX,
         answer=key,
         scoring="first_number",
         length=length,
@@ -348,7 +363,7 @@ def variable_name(rng) -> str:
 
 
 def vartrack(
-    tokenizer, *, length: int, index: int, seed: int, overhead: int, hops: int = 1
+    tokenizer, *, length: int, index: int, seed: int, overhead: int, hops: int = 0
 ) -> Example:
     rng = example_rng(seed, "vartrack", length, index, hops)
     chain = [variable_name(rng) for _ in range(hops + 1)]
@@ -417,7 +432,7 @@ def fewshot(
         example_id=f"fewshot-{length}-{index}",
         context=intro + "\n\n" + join_sentences(sentences),
         question=f"Which label goes with this item? Item: {item}.",
-        answer_prefix=f"The item {item} gets the label",
+        answer_prefix=f"Item: {item}. Label:",
         answer=labels[asked],
         scoring="candidate",
         length=length,
@@ -507,13 +522,13 @@ def segment_ids(example: Example, tokenizer, chat: bool = True) -> tuple[list[in
     ``integrations.pipeline`` does."""
     context, question = _segments(example, tokenizer, chat)
     return (
-        pipeline.segment_ids(tokenizer, context, first=True, chat=chat)[0].tolist(),
-        pipeline.segment_ids(tokenizer, question, first=False, chat=chat)[0].tolist(),
+        prompts.segment_ids(tokenizer, context, first=True, chat=chat)[0].tolist(),
+        prompts.segment_ids(tokenizer, question, first=False, chat=chat)[0].tolist(),
     )
 
 
 def _segments(example: Example, tokenizer, chat: bool) -> tuple[str, str]:
-    return pipeline.prompt_segments(
+    return prompts.prompt_segments(
         tokenizer, example.context, example.question, example.answer_prefix, chat=chat
     )
 
@@ -530,8 +545,8 @@ GENERATORS = {
 def build_examples(
     tokenizer, tasks, *, lengths, depths=DEFAULT_DEPTHS, per_cell: int, seed: int, chat: bool = True
 ) -> list[Example]:
-    """Every example of ``tasks``: passkey ``per_cell`` times per (length, depth), multikey and
-    multidoc ``per_cell`` times per length, arithmetic ``per_cell`` times.
+    """Every example of ``tasks``: ``per_cell`` per length for each task (the pass-key ones
+    take their depths from ``depths`` in turn), ``per_cell`` in all for arithmetic.
 
     A prompt's total length (template and question included) comes within a sentence or so of
     the requested length.
@@ -545,14 +560,18 @@ def build_examples(
             examples += [arithmetic(tokenizer, index=i, seed=seed) for i in range(per_cell)]
             continue
         generator = GENERATORS[task]
-        grid = [dict(depth=d) for d in depths] if task == "passkey" else [{}]
+        cells = [
+            {"depth": depths[index % len(depths)]} if task == "passkey" else {}
+            for index in range(per_cell)
+        ]
         # The tokens around the context: a bare example (no filler) rendered as a prompt.
-        bare = generator(tokenizer, length=0, index=0, seed=seed, overhead=0, **grid[0])
+        bare = generator(tokenizer, length=0, index=0, seed=seed, overhead=0, **cells[0])
         overhead = len(prompt_ids(bare, tokenizer, chat)) - count_tokens(tokenizer, bare.context)
         examples += [
-            generator(tokenizer, length=length, index=index, seed=seed, overhead=overhead, **cell)
+            generator(
+                tokenizer, length=length, index=index, seed=seed, overhead=overhead, **cells[index]
+            )
             for length in lengths
-            for cell in grid
             for index in range(per_cell)
         ]
     return examples

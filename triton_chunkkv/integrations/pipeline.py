@@ -27,33 +27,10 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from ..prompts import prompt_segments, segment_ids
 from .hf import ChunkKVState, cache_kwargs, chunkkv
 
 TASK = "chunkkv-text-generation"
-_QUESTION_MARK = "\x00question\x00"
-
-
-def prompt_segments(tokenizer, context: str, question: str, answer_prefix="", chat=True):
-    """``(context_text, question_text)`` whose concatenation is the whole prompt: the user turn
-    ``context + "\\n\\n" + question`` (in the chat template when ``chat`` and the tokenizer has
-    one) followed by ``answer_prefix``."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        turn = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{context}\n\n{_QUESTION_MARK}"}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        head, tail = turn.split(_QUESTION_MARK)
-        return head, question + tail + answer_prefix
-    return f"{context}\n\n", f"{question}\n\n{answer_prefix}"
-
-
-def segment_ids(tokenizer, text: str, first: bool, chat: bool) -> torch.Tensor:
-    """``[1, n]`` token ids of one segment; only a plain first segment gets the tokenizer's
-    special tokens (a chat template writes its own)."""
-    templated = chat and getattr(tokenizer, "chat_template", None)
-    special = first and not templated
-    return tokenizer(text, return_tensors="pt", add_special_tokens=special).input_ids
 
 
 @dataclass
