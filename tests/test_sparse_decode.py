@@ -336,13 +336,13 @@ def test_bad_slot_layout_input_names_the_argument():
 def test_default_num_splits_fills_the_gpu_without_tiny_splits(monkeypatch):
     monkeypatch.setattr(sparse_decode_kernel, "multiprocessor_count", lambda device: 132)
     choose = sparse_decode_kernel.default_num_splits
-    # bf16, D 128, g 4: 5 resident CTAs per SM (occupancy.SPARSE_DECODE_RESOURCES): 660 slots.
+    # bf16, D 128, g 4: 4 resident CTAs per SM (occupancy.SPARSE_DECODE_RESOURCES): 528 slots.
     resident = occupancy.sparse_decode_ctas_per_sm(2, 128, 16)
-    assert resident == 5
+    assert resident == 4
     assert choose(8, 3268, "cuda", resident) == 52  # B 1, T 32K, 10 %: 64-token splits
     assert choose(8, 13102, "cuda", resident) == sparse_decode_kernel.MAX_SPLITS  # T 128K
     assert choose(8, 300, "cuda", resident) == 5  # short sets: at least 64 tokens per split
-    assert choose(64, 3268, "cuda", resident) == 10  # B 8: one wave, 640 of the 660 slots
+    assert choose(64, 3268, "cuda", resident) == 8  # B 8: one wave, 512 of the 528 slots
     assert choose(4096, 100_000, "cuda", resident) == 1  # the batch alone fills the GPU
     assert choose(1, 10**7, "cuda", resident) == sparse_decode_kernel.MAX_SPLITS
     assert choose(8, 100_000, "cuda") == 16  # one resident CTA per SM: one wave of 128
@@ -361,7 +361,7 @@ def test_sparse_decode_split_count_uses_the_launch_occupancy(monkeypatch):
     ops.sparse_decode(**case)
     B, Hkv = case["chunk_idx"].shape[:2]
     s_max = case["k_cache"].shape[2]
-    assert seen == [(B * Hkv, 3 * 10 + s_max, 5)]
+    assert seen == [(B * Hkv, 3 * 10 + s_max, 4)]
 
 
 def test_ctas_per_sm_follows_the_sm90_limits():

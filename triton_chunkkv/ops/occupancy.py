@@ -51,20 +51,29 @@ def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int, limits: SMLim
 # shared bytes)}, max over triton 3.6 / 3.9 and the dense / HF / slot layouts.
 SPARSE_DECODE_DEFAULT_WARPS = {2: 4, 4: 8}
 SPARSE_DECODE_RESOURCES = {
-    (2, 64, 16): (64, 11264),
-    (2, 128, 16): (90, 21504),
-    (2, 256, 16): (113, 41984),
-    (4, 64, 16): (66, 22592),
-    (4, 128, 16): (68, 43072),
-    (4, 256, 16): (80, 84032),
+    (2, 64, 16): (76, 11392),
+    (2, 64, 64): (112, 24704),
+    (2, 128, 16): (117, 21632),
+    (2, 128, 64): (168, 49280),
+    (2, 256, 16): (155, 42112),
+    (2, 256, 64): (255, 98432),
+    (4, 64, 16): (67, 22720),
+    (4, 64, 64): (128, 41344),
+    (4, 128, 16): (80, 43200),
+    (4, 128, 64): (255, 73856),
+    (4, 256, 16): (80, 84160),
+    (4, 256, 64): (32, 139648),
 }
 
 
 def sparse_decode_ctas_per_sm(element_bytes: int, block_d: int, block_g: int) -> int:
     """Resident CTAs per SM of the split-decode kernel's default config at these block sizes.
-    A ``BLOCK_G`` above 16 (several queries at once) uses the 16-row entry, an upper bound;
+    A ``BLOCK_G`` between the compiled ones (16: one query per row of a GQA group up to 16;
+    64: several queries at once) uses the next larger entry, an upper bound on its resources;
     shapes outside the table (no report entry) count 1, as if nothing else fit."""
-    resources = SPARSE_DECODE_RESOURCES.get((element_bytes, block_d, min(block_g, 16)))
-    if resources is None:
+    entries = sorted(key for key in SPARSE_DECODE_RESOURCES if key[:2] == (element_bytes, block_d))
+    larger = [key for key in entries if key[2] >= block_g]
+    if not larger:
         return 1
+    resources = SPARSE_DECODE_RESOURCES[larger[0]]
     return ctas_per_sm(*resources, SPARSE_DECODE_DEFAULT_WARPS.get(element_bytes, 4))
