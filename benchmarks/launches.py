@@ -182,7 +182,25 @@ def cases(seq_len: int):
                 ),
             )
         )
+    out.append(("dynamic decode step B1 dense", 1, dynamic_step(seq_len)))
     return out
+
+
+def dynamic_step(seq_len: int):
+    """One decode step of dynamic mode on one layer: every whole chunk scored by its key
+    bounds, the best ``n_keep`` selected, then read in place."""
+    (q, k, v, _, _, tail_start, seq_lens), options = decode_inputs(1, seq_len, "dense")
+    n_chunks = tail_start // CHUNK_SIZE
+    n_keep = reference.num_kept_chunks(
+        seq_len, reference.resolve_budget(seq_len, ratio=KEPT), CHUNK_SIZE, WINDOW
+    )
+    kmin = torch.empty(1, k.shape[1], n_chunks, k.shape[3], dtype=k.dtype)
+
+    def step():
+        chunk_idx = ops.select_decode_chunks(q, kmin, kmin, n_keep, validate=False)
+        return ops.sparse_decode(q, k, v, chunk_idx, CHUNK_SIZE, tail_start, seq_lens, **options)
+
+    return step
 
 
 def count(seq_len: int) -> dict:

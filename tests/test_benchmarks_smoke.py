@@ -213,8 +213,9 @@ def test_gpu_suite_script_parses():
 def test_launch_counts_per_layer(tmp_path):
     """``benchmarks.launches``: one compress layer is four kernel launches (window statistics,
     window scores with the chunk sums, selection, gather), no torch op between them and no
-    host sync; a sparse decode step is two (split, merge). In a subprocess: the count needs
-    the kernels compiled, not interpreted (this process defined them for the interpreter)."""
+    host sync; a sparse decode step is two (split, merge), a dynamic one four. In a subprocess:
+    the count needs the kernels compiled, not interpreted (this process defined them for the
+    interpreter)."""
     out = tmp_path / "launches.json"
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     env["TRITON_CHUNKKV_POISON_OUTPUTS"] = "0"  # poisoned outputs would add a fill each
@@ -233,3 +234,5 @@ def test_launch_counts_per_layer(tmp_path):
     for layout in ("dense", "hf"):
         decode = rows[f"sparse_decode B1 {layout}"]
         assert (decode["triton"], decode["torch"], decode["syncs"]) == (2, 0, 0)
+    dynamic = rows["dynamic decode step B1 dense"]  # bounds scores, selection, split, merge
+    assert (dynamic["triton"], dynamic["torch"], dynamic["syncs"]) == (4, 0, 0)
