@@ -18,9 +18,7 @@ shape (CI), where the forced configs run as well.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import os
 import time
 
 import torch
@@ -225,7 +223,7 @@ def run(shape: Shape, device: torch.device, out, preset_name: str, argv=()) -> i
     inputs = {}
     failures = 0
     # Kernels not being checked run their first config: no autotuning here.
-    with _one_config():
+    with _runtime.environment({"TRITON_CHUNKKV_ONE_CONFIG": "1"}):
         for name, dtype, config in cases(shape):
             op = OP_OF_KERNEL[name]
             if dtype not in inputs:
@@ -268,19 +266,6 @@ def run(shape: Shape, device: torch.device, out, preset_name: str, argv=()) -> i
     writer.finish(device, run_start)
     print(f"{failures} of {len(writer.data['rows'])} configs failed")
     return 1 if failures else 0
-
-
-@contextlib.contextmanager
-def _one_config():
-    previous = os.environ.get("TRITON_CHUNKKV_ONE_CONFIG")
-    os.environ["TRITON_CHUNKKV_ONE_CONFIG"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_CHUNKKV_ONE_CONFIG", None)
-        else:
-            os.environ["TRITON_CHUNKKV_ONE_CONFIG"] = previous
 
 
 def main(argv=None) -> int:

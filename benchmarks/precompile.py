@@ -17,7 +17,6 @@ them, so the path stays exercised.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -35,7 +34,10 @@ def record_config_check(preset: str) -> None:
     for name, dtype, config in config_check.cases(shape):
         if dtype not in inputs:
             inputs[dtype] = config_check.Inputs(shape, dtype, torch.device("cpu"))
-        with _runtime.TUNED_KERNELS[name].forcing(config), _one_config():
+        with (
+            _runtime.TUNED_KERNELS[name].forcing(config),
+            _runtime.environment({"TRITON_CHUNKKV_ONE_CONFIG": "1"}),
+        ):
             inputs[dtype].run(config_check.OP_OF_KERNEL[name])
 
 
@@ -79,18 +81,6 @@ def e2e_cases(preset_name: str):
         for batch in preset.batches:
             for op in ("compress", "sparse_decode"):
                 yield ops.Case(op, "chunkkv", model, batch, seq_len, kept=preset.ratio)
-
-
-@contextlib.contextmanager
-def _one_config():
-    previous = os.environ.get("TRITON_CHUNKKV_ONE_CONFIG")
-    os.environ["TRITON_CHUNKKV_ONE_CONFIG"] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop("TRITON_CHUNKKV_ONE_CONFIG")
-        if previous is not None:
-            os.environ["TRITON_CHUNKKV_ONE_CONFIG"] = previous
 
 
 PRESETS = {

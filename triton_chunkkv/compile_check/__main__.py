@@ -92,7 +92,7 @@ def calls_for(args):
 
 def record(calls):
     """The deduplicated compile jobs of ``calls`` (nothing compiled)."""
-    from triton_chunkkv.ops._runtime import TUNED_KERNELS
+    from triton_chunkkv.ops._runtime import TUNED_KERNELS, environment
 
     from .aot import LaunchRecorder, recording_launches
 
@@ -106,23 +106,9 @@ def record(calls):
             recorder.dtype = call.dtype
             recorder.head_dim = None if call.op in ("chunk_sum", "select_chunks") else call.head_dim
             one = {"TRITON_CHUNKKV_ONE_CONFIG": "1" if call.first_config_only else "0"}
-            with _environment(one):
+            with environment(one):
                 call.launch()
     return recorder
-
-
-@contextlib.contextmanager
-def _environment(values):
-    previous = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 DERIVED = {"HEAD_DIM", "HEAD_DIM_PAD", "BLOCK_D", "DOT_IN_FP32", "DOT_PRECISION"}
@@ -299,10 +285,12 @@ def main(argv=None) -> int:
     path = args.report or report.default_report_path()
     committed = report.load(path)
     cold = args.cold or args.write
+    from triton_chunkkv.ops._runtime import environment
+
     with contextlib.ExitStack() as stack:
         if cold:
             cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="triton-cache-"))
-            stack.enter_context(_environment({"TRITON_CACHE_DIR": cache}))
+            stack.enter_context(environment({"TRITON_CACHE_DIR": cache}))
         compile_start = time.perf_counter()
         entries = compile_all(jobs, args.jobs, committed.get("compile_seconds", {}), args.verbose)
         wall = time.perf_counter() - compile_start

@@ -54,6 +54,22 @@ def environment_value(name: bytes) -> bytes | None:
     return None if value is None else value.encode()
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """The environment variables ``values`` set inside the block; afterwards each is what it
+    was before, or unset again."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def interpreting() -> bool:
     return environment_value(b"TRITON_INTERPRET") not in (None, b"", b"0")
 
