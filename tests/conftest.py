@@ -11,6 +11,18 @@ if not torch.cuda.is_available():
 os.environ["TRITON_CHUNKKV_POISON_OUTPUTS"] = "1"
 
 
+@pytest.fixture(params=("kernels", "reference"))
+def path(request, monkeypatch):
+    """The kernels (CPU tensors in the interpreter) or the torch reference."""
+    from triton_chunkkv.ops._runtime import use_triton
+
+    if request.param == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    elif not use_triton(torch.empty(0)):
+        pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

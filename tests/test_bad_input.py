@@ -30,16 +30,6 @@ PATHS = ("kernels", "reference")
 IGNORE_NAN_WARNINGS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The kernels (CPU tensors in the interpreter) or the torch reference."""
-    if request.param == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not use_triton(torch.empty(0)):
-        pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
-    return request.param
-
-
 def other_path(monkeypatch, path):
     """Switch an already running test to ``path``."""
     monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")

@@ -16,27 +16,15 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from triton_chunkkv import cache, ops
 from triton_chunkkv.ops import library, reference
-from triton_chunkkv.ops._runtime import use_triton
 from triton_chunkkv.policies.chunkkv import ChunkKV
 
 # numpy warns about the NaN the interpreter reads from poisoned buffers while merging splits.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-PATHS = ("kernels", "reference")
 B, HKV, G, T, D, C, W, N_KEEP = 2, 2, 2, 48, 32, 5, 8, 3  # P0 = 40: 8 chunks
 GENERATED = 4  # tokens generated after the prompt
 S_MAX = T + GENERATED
 P0 = reference.tail_start(T, C, W)
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The kernels (CPU tensors in the interpreter) or the torch reference."""
-    if request.param == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not use_triton(torch.empty(0)):
-        pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
-    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -14,24 +14,12 @@ import torch
 
 from triton_chunkkv import ops
 from triton_chunkkv.ops import library, reference
-from triton_chunkkv.ops._runtime import use_triton
 
 # numpy warns about the NaN the interpreter reads from poisoned buffers while merging splits.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-PATHS = ("kernels", "reference")
 B, HKV, G, T, D, C, W = 2, 2, 2, 40, 16, 5, 4  # P0 = 35: 7 chunks, a tail of 5 tokens
 S_MAX = T + 4
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The kernels (CPU tensors in the interpreter) or the torch reference."""
-    if request.param == "reference":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-    elif not use_triton(torch.empty(0)):
-        pytest.skip("the kernels on CPU tensors need TRITON_INTERPRET=1")
-    return request.param
 
 
 def int32(values) -> torch.Tensor:
