@@ -189,11 +189,8 @@ def cases(seq_len: int):
 def dynamic_step(seq_len: int):
     """One decode step of dynamic mode on one layer: every whole chunk scored by its key
     bounds, the best ``n_keep`` selected, then read in place."""
-    (q, k, v, _, _, tail_start, seq_lens), options = decode_inputs(1, seq_len, "dense")
-    n_chunks = tail_start // CHUNK_SIZE
-    n_keep = reference.num_kept_chunks(
-        seq_len, reference.resolve_budget(seq_len, ratio=KEPT), CHUNK_SIZE, WINDOW
-    )
+    (q, k, v, kept, _, tail_start, seq_lens), options = decode_inputs(1, seq_len, "dense")
+    n_chunks, n_keep = tail_start // CHUNK_SIZE, kept.shape[2]
     kmin = torch.empty(1, k.shape[1], n_chunks, k.shape[3], dtype=k.dtype)
 
     def step():
