@@ -194,7 +194,8 @@ def test_decode_step_dynamic_shapes(path):
 
 def test_policy_and_cache_paths_fullgraph(path):
     """The compositions call the same operators: ChunkKV's selection, ``ops.compress`` with a
-    budget, and the cache's sparse- and dynamic-mode decode compile to one graph each."""
+    budget or a ratio, and the cache's sparse- and dynamic-mode decode compile to one graph
+    each."""
     q_obs, k_cache, v_cache, q = prompt_and_cache()
     k, v = k_cache[:, :, :T].contiguous(), v_cache[:, :, :T].contiguous()
     policy = ChunkKV(chunk_size=C, window=W)
@@ -204,6 +205,9 @@ def test_policy_and_cache_paths_fullgraph(path):
 
     def compress(q_obs, k, v):
         return tuple(ops.compress(q_obs, k, v, budget=30, chunk_size=C, window=W)[:3])
+
+    def compress_ratio(q_obs, k, v):  # 0.29 of T: the decimal's floor, not the float product's
+        return tuple(ops.compress(q_obs, k, v, ratio=0.29, chunk_size=C, window=W)[:3])
 
     sparse = cache.SparseIndex(int32([[[0, 3, 5], [1, 2, 7]]] * B), C, P0, None, None)
     kmin, kmax = ops.chunk_bounds(k, C, P0 // C)
@@ -223,6 +227,7 @@ def test_policy_and_cache_paths_fullgraph(path):
     for fn, inputs in [
         (select, (q_obs, k)),
         (compress, (q_obs, k, v)),
+        (compress_ratio, (q_obs, k, v)),
         (attend(sparse), (query, k_cache, v_cache)),
         (attend(dynamic), (query, k_cache, v_cache)),
     ]:

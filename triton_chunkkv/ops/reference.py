@@ -13,7 +13,6 @@ lower-index tie rule decides.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import NamedTuple
@@ -120,7 +119,12 @@ def chunk_sum(scores, chunk_size, window) -> torch.Tensor:
 def resolve_budget(seq_len: int, budget=None, ratio=None) -> int:
     """``L`` in tokens per KV head: the budget itself, or ``floor(ratio * T)`` taken on the
     ratio as written in decimal (0.29 of 100 tokens is 29, not the float product's 28)."""
-    return budget if budget is not None else math.floor(Fraction(str(ratio)) * seq_len)
+    if budget is not None:
+        return budget
+    # Integer arithmetic on the decimal's numerator and denominator: dynamo traces it (it
+    # cannot trace arithmetic on a Fraction) and seq_len may be symbolic.
+    numerator, denominator = Fraction(str(ratio)).as_integer_ratio()
+    return seq_len * numerator // denominator
 
 
 def num_kept_chunks(seq_len, budget, chunk_size, window) -> int | None:
