@@ -62,14 +62,19 @@ def window_probs(q_obs, k, key_mask=None, scaling=None) -> torch.Tensor:
     # float64 products and sums, rounded once to float32: a matmul's rounding may depend on a
     # key's position (BLAS blocks), and equal keys must give bit-equal logits (ties, step 6).
     keys = k.double().repeat_interleave(g, dim=1)
-    logits = (scaling * torch.einsum("bhid,bhtd->bhit", q_obs.double(), keys)).float()
+    # In place where it changes nothing: H2O's windows are whole prompts, [B, Hq, T, T].
+    logits = torch.einsum("bhid,bhtd->bhit", q_obs.double(), keys).mul_(scaling).float()
+    # Window query i sits at T - w + i: only the last w keys can lie in its future.
+    future = torch.ones(w, w, dtype=torch.bool, device=k.device).triu_(1)
+    logits[..., T - w :].masked_fill_(future, float("-inf"))
+    if key_mask is None:  # every window query sees key 0: no empty row
+        return torch.softmax(logits, dim=-1)
+    visible = key_mask[:, None, None, :].bool()
+    logits.masked_fill_(~visible, float("-inf"))
     query_pos = torch.arange(T - w, T, device=k.device)[:, None]
-    allowed = torch.arange(T, device=k.device)[None, :] <= query_pos  # [w, T] causal
-    allowed = allowed[None, None]
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :].bool()
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(logits, dim=-1).masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    causal = torch.arange(T, device=k.device)[None, :] <= query_pos  # [w, T]
+    empty = ~(visible & causal).any(dim=-1, keepdim=True)
+    return torch.softmax(logits, dim=-1).masked_fill_(empty, 0.0)
 
 
 def token_scores(probs, num_kv_heads, pool_kernel=1) -> torch.Tensor:
