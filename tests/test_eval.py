@@ -337,15 +337,22 @@ def test_both_settings_run_and_report_side_by_side(tmp_path, monkeypatch, one_th
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "settings"
     args = cli_args(out, "--settings", "question-aware", "question-agnostic", "--no-fidelity")
-    dynamic = f"chunkkv:window={WINDOW},chunk_size={CHUNK},mode=dynamic"
-    args.methods = ["fullkv", f"chunkkv:window={WINDOW},chunk_size={CHUNK}", dynamic]
+    plain = f"chunkkv:window={WINDOW},chunk_size={CHUNK}"
+    dynamic, question = plain + ",mode=dynamic", plain + ",mode=question"
+    args.methods = ["fullkv", plain, dynamic, question]
     assert cli.run(args) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["setting"] for r in records} == {"question-aware", "question-agnostic"}
-    assert len(records) == 2 * 2 * (1 + 2 * 2)  # settings x prompts x (fullkv + 2 x 2 ratios)
+    assert len(records) == 2 * 2 * (1 + 3 * 2)  # settings x prompts x (fullkv + 3 x 2 ratios)
+    by_key = {(r["example_id"], r["setting"], r["method"], r["ratio"]): r for r in records}
     for record in records:
         if record["method"] == dynamic:  # what a step reads: at most the budget per layer
             assert all(n <= record["budget"] for n in record["kept_tokens"])
+        if record["method"] == question:  # selected on the whole prompt: budget from it
+            assert record["budget"] == int(record["ratio"] * record["prompt_tokens"])
+            if record["setting"] == "question-aware":  # the same as the plain policy
+                key = (record["example_id"], record["setting"], plain, record["ratio"])
+                assert record["prediction"] == by_key[key]["prediction"]
     report = (out / "report.md").read_text()
     assert "## Accuracy, question-aware" in report and "## Accuracy, question-agnostic" in report
     cli.run(args)  # resuming adds nothing
@@ -364,6 +371,32 @@ def test_bootstrap_intervals_are_reproducible_and_paired():
     diff, (d_low, d_high) = stats.difference_interval(full, correct)
     assert diff == 0.25 and d_low > 0  # the full cache is better on these prompts
     assert stats.accuracy_interval({}) is None
+
+
+@pytest.mark.parametrize("spec", [POLICY_SPECS[0], POLICY_SPECS[4]])
+def test_question_mode_engine_decodes_what_the_adapter_generates(tiny, spec, one_thread):
+    """Question mode after a question: the engine's context prefill continued by the question
+    (``engine.extend``) selects and decodes what the HF adapter does (context call, then
+    generate over the question, which selects again)."""
+    model, tokenizer = tiny
+    example = build_examples(
+        tokenizer, ["passkey"], lengths=[160], depths=[0.5], per_cell=1, seed=0
+    )[0]
+    context, question = segment_ids(example, tokenizer, chat=False)
+    method = parse_method(spec + ",mode=question")
+    budget = (len(context) + len(question)) // 4
+    stop_ids = stop_token_ids(model, tokenizer)
+    selections, _, expected = generate_with_adapter(
+        model, torch.tensor([context]), method.policy(tokenizer), budget, 6, stop_ids,
+        question=question, mode="question",
+    )  # fmt: skip
+    asked = engine.extend(model, engine.prefill(model, torch.tensor([context])), question)
+    assert asked.seq_len == len(context) + len(question)
+    ours = engine.select_layers(asked, method.policy(tokenizer), [budget])[0]
+    assert [s.chunk_idx.tolist() for s in ours] == [s.chunk_idx.tolist() for s in selections]
+    assert engine.greedy_decode(model, asked, [engine.compact(asked, ours)], 6, stop_ids)[0] == (
+        expected
+    )
 
 
 @pytest.mark.parametrize("setting", ["question-aware", "question-agnostic"])

@@ -104,7 +104,7 @@ def spec_kept_length(seq_len, budget):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic"])
+@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic", "question"])
 def test_budget_covering_prompt_is_plain_generate(family, mode):
     model = tiny_model(family)
     input_ids = prompt(77)
@@ -316,6 +316,97 @@ def test_context_then_question_then_a_second_turn(mode):
         start += n
 
 
+def sparse_run(model, sequence, steps, **options):
+    """``(state, logits of each of steps)`` of a sparse-mode prefill of ``sequence`` followed
+    by the one-token ``steps``: what question mode must give after a question."""
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, mode="sparse", **options) as state, torch.no_grad():
+        model(sequence, **cache_kwargs(model, cache))
+        logits = [model(step, **cache_kwargs(model, cache)).logits for step in steps]
+    return state, logits
+
+
+def test_question_mode_selects_again_on_each_question():
+    """``mode="question"``: a several-token call after the prefill attends to the whole cache
+    (the full model's logits), then selects as a sparse-mode prefill of everything so far
+    would (same chunks); the one-token steps after it read that selection (the same logits as
+    that sparse-mode run). A second question selects again, the policy shown the whole
+    sequence's ids (decoded tokens included)."""
+    model = tiny_model()
+    context, question, second = prompt(150), prompt(12, seed=2), prompt(9, seed=3)
+    steps = [prompt(1, seed=10 + i) for i in range(3)]
+    policy = RecordingChunkKV(chunk_size=CHUNK, window=WINDOW)
+    options = dict(budget=40, policy=policy)
+    cache = DynamicCache(config=model.config)
+    with chunkkv(model, mode="question", **options) as state, torch.no_grad():
+        model(context, **cache_kwargs(model, cache))
+        question_logits = model(question, **cache_kwargs(model, cache)).logits
+        logits = [model(step, **cache_kwargs(model, cache)).logits for step in steps]
+        selections = list(state.selections)
+        model(second, **cache_kwargs(model, cache))
+    sequence = torch.cat([context, question], dim=1)
+    whole = torch.cat([sequence, *steps, second], dim=1)
+    assert state.prefills == 3 and cache.get_seq_length() == whole.shape[1]
+    assert [ids.shape[1] for ids in policy.prompts[::2]] == [150, 162, whole.shape[1]]
+    assert torch.equal(policy.prompts[-1], whole)
+    assert state.selections[0].tail_start == reference.tail_start(whole.shape[1], CHUNK, WINDOW)
+    with torch.no_grad():
+        dense = model(sequence, use_cache=False).logits
+    torch.testing.assert_close(question_logits, dense[:, 150:], rtol=1e-4, atol=1e-4)
+    alone, expected = sparse_run(model, sequence, steps, **options)
+    for got, want in zip(selections, alone.selections):
+        assert torch.equal(got.chunk_idx, want.chunk_idx) and got.tail_start == want.tail_start
+    for got, want in zip(logits, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_question_mode_padded_rows_equal_rows_alone():
+    model = tiny_model("qwen2")
+    lengths = (141, 118, 97)
+    rows = [prompt(n, seed=n) for n in lengths]
+    question = prompt(10, seed=5)
+    width = max(lengths)
+    context = torch.cat([F.pad(r, (width - r.shape[1], 0)) for r in rows])
+    mask = torch.ones(len(rows), width + question.shape[1], dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, : width - n] = 0
+    options = dict(keep_ratio=0.15, chunk_size=CHUNK, window=WINDOW, mode="question")
+
+    def ask(context, mask):
+        cache = DynamicCache(config=model.config)
+        with chunkkv(model, **options) as state, torch.no_grad():
+            T = context.shape[1]
+            positions = (mask[:, :T].cumsum(-1) - 1).clamp(min=0)  # as generate counts them
+            model(
+                context,
+                attention_mask=mask[:, :T],
+                position_ids=positions,
+                **cache_kwargs(model, cache),
+            )
+            batch = len(context)
+            full = torch.cat([context, question.expand(batch, -1)], dim=1)
+            out = model.generate(
+                full,
+                attention_mask=mask,
+                **cache_kwargs(model, cache),
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return state, out[:, full.shape[1] :]
+
+    state, batch = ask(context, mask)
+    assert state.prefills == 2
+    assert state.prompt_lengths == [n + question.shape[1] for n in lengths]
+    for row, ids in enumerate(rows):
+        alone, tokens = ask(ids, torch.ones(1, ids.shape[1] + question.shape[1], dtype=torch.long))
+        assert torch.equal(batch[row : row + 1], tokens)
+        for layer in range(2):
+            assert torch.equal(
+                state.row_selection(layer, row).chunk_idx, alone.row_selection(layer, 0).chunk_idx
+            )
+
+
 def test_padding_after_the_compressed_prompt_is_refused():
     model = tiny_model()
     cache = DynamicCache(config=model.config)
@@ -404,7 +495,7 @@ def test_reused_layers_hold_their_group_leaders_indices():
     assert not torch.equal(state.selections[0].chunk_idx, state.selections[2].chunk_idx)
 
 
-@pytest.mark.parametrize("mode", ["evict", "sparse"])
+@pytest.mark.parametrize("mode", ["evict", "sparse", "question"])
 def test_left_padded_batch_rows_equal_rows_alone(mode):
     model = tiny_model("qwen2")
     lengths = (141, 118, 97)
@@ -573,7 +664,7 @@ def test_chunked_prefill_is_refused(budget):
             greedy(model, prompt(100), prefill_chunk_size=32)
 
 
-@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic"])
+@pytest.mark.parametrize("mode", ["evict", "sparse", "dynamic", "question"])
 def test_repeated_rows_keep_their_row_state(mode):
     model = tiny_model()
     input_ids = prompt(100, batch=2)

@@ -73,6 +73,33 @@ def test_prefill_compresses_and_decode_attends_to_the_kept_tokens(mode, dtype):
     assert cache.seq_len == T + 4
 
 
+def test_question_mode_selects_again_on_a_question():
+    """A several-token call on a question-mode cache attends to everything so far and selects
+    as a prefill of everything so far would; the steps after it, and a call shorter than the
+    policy's window, read that selection."""
+    T = 97
+    query, key, value = qkv(T)
+    cache = ChunkKVCache(budget=30, policy=ChunkKV(**POLICY), mode="question")
+    chunkkv_attention(query, key, value, cache)
+    q_new, k_new, v_new = qkv(11)  # the question
+    out = chunkkv_attention(q_new, k_new, v_new, cache)
+    keys, values = torch.cat([key, k_new], 2), torch.cat([value, v_new], 2)
+    torch.testing.assert_close(out, attention(q_new, keys, values), **TOLERANCES[torch.float32])
+    expected = ops.compress(q_new[:, :, -8:], keys, values, budget=30, **POLICY)
+    assert torch.equal(cache.selection.chunk_idx, expected.chunk_idx)
+    assert cache.seq_len == T + 11 and cache.keys.shape[2] == T + 11
+    kept_k, kept_v = expected.keys, expected.values
+    selection = cache.selection
+    for q_len in (1, 3):  # a step, then a call shorter than the window: the same selection
+        q_step, k_step, v_step = qkv(q_len)
+        out = chunkkv_attention(q_step, k_step, v_step, cache)
+        kept_k, kept_v = torch.cat([kept_k, k_step], 2), torch.cat([kept_v, v_step], 2)
+        torch.testing.assert_close(
+            out, attention(q_step, kept_k, kept_v), **TOLERANCES[torch.float32]
+        )
+        assert cache.selection is selection
+
+
 def test_budget_covering_the_prompt_keeps_everything():
     query, key, value = qkv(60)
     cache = ChunkKVCache(ratio=1.0, policy=ChunkKV(**POLICY), mode="sparse")

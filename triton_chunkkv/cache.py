@@ -34,17 +34,38 @@ from .ops import reference
 from .ops.kernels.decode_select import _chunk_bounds, select_decode_chunks
 from .ops.kernels.gather import _gather_chunks
 from .ops.kernels.sparse_decode import sparse_decode
-from .policies.base import Policy, ScoreReduce, Selection, kept_length, select_prompt
+from .policies.base import (
+    Policy,
+    ScoreReduce,
+    Selection,
+    kept_length,
+    observation_window,
+    select_prompt,
+)
 
 # evict: prefill-time selection, the cache compacted (memory freed); sparse: prefill-time
 # selection read in place (reads shrink); dynamic: the chunks re-selected at every decode step
-# from that step's query (reads shrink, the selection follows the question).
-MODES = ("evict", "sparse", "dynamic")
+# from that step's query (reads shrink, the selection follows the question); question: read
+# in place as sparse, and every several-token call (a question after a context) runs dense and
+# selects again with its own last queries (the selection follows each question).
+MODES = ("evict", "sparse", "dynamic", "question")
+# The modes whose layers keep every key and read a SparseIndex in place.
+IN_PLACE_MODES = ("sparse", "question")
 
 
 def check_mode(mode) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def selects_again(mode: str, policy: Policy, q_len: int, seq_len: int) -> bool:
+    """Whether a call of ``q_len`` tokens that brings the cache to ``seq_len`` selects again:
+    in question mode, a call of several tokens on a filled cache (a question) that holds the
+    policy's observation window. A shorter call reads the current selection, as in sparse
+    mode; so does every call of a policy that scores with all prompt queries (H2O)."""
+    return (
+        mode == "question" and 1 < q_len < seq_len and q_len >= observation_window(policy, seq_len)
+    )
 
 
 def kept_fraction(ratio, keep_ratio):
@@ -82,17 +103,19 @@ def select_rows(
     Without padding the rows share one prompt length and select together: a ``Selection`` (or
     ``None``: keep all). With padding each row selects on its own unpadded prompt, exactly as
     if it ran alone: a list of per-row ``Selection | None`` (batch dimension 1, positions
-    counted from the row's first real token).
+    counted from the row's first real token). ``queries`` are the last ``q`` positions' (the
+    whole padded prompt's on a prefill, a question's on a later call).
     """
     options = dict(layer=layer, num_layers=num_layers, scaling=scaling, reduce_scores=reduce_scores)
     if not any(pads):
         return select_prompt(
             policy, queries, keys, budgets=budgets[:1], input_ids=input_ids, **options
         )[0]
+    q_len, T_pad = queries.shape[2], keys.shape[2]
     return [
         select_prompt(
             policy,
-            queries[row : row + 1, :, pad:],
+            queries[row : row + 1, :, max(q_len - (T_pad - pad), 0) :],
             keys[row : row + 1, :, pad:],
             budgets=[budgets[row]],
             input_ids=None if input_ids is None else input_ids[row : row + 1, pad:],
@@ -208,14 +231,15 @@ def left_pad_stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], spare: int
 
 def compress_layer(mode: str, key, value, selection, pads: Sequence[int]) -> CompressedKV | None:
     """What decode reads of one layer's prompt ``key``/``value [B, Hkv, T_pad, D]`` under
-    ``selection`` (from :func:`select_rows`); ``None`` when no row drops anything."""
+    ``selection`` (from :func:`select_rows`) in ``mode`` (evict, or one of
+    :data:`IN_PLACE_MODES`); ``None`` when no row drops anything."""
     T_pad = key.shape[2]
     if selection is None:
         return None
     if isinstance(selection, Selection):  # no padding: one selection for the batch
         kept = [kept_length(selection, T_pad)] * key.shape[0]
         chunk_idx, chunk_size, tail_start = selection
-        if mode == "sparse":
+        if mode in IN_PLACE_MODES:
             index = SparseIndex(chunk_idx.to(torch.int32), chunk_size, tail_start, None, None)
             return CompressedKV(key, value, None, index, kept)
         keys, values = _gather_chunks(key, value, chunk_idx, chunk_size, tail_start)
@@ -223,7 +247,7 @@ def compress_layer(mode: str, key, value, selection, pads: Sequence[int]) -> Com
     if all(s is None for s in selection):
         return None
     kept = [kept_length(s, T_pad - pad) for s, pad in zip(selection, pads)]
-    if mode == "sparse":
+    if mode in IN_PLACE_MODES:
         chunk_sizes = {s.chunk_size for s in selection if s is not None}
         if len(chunk_sizes) > 1:
             raise ValueError(

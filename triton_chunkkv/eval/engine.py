@@ -144,7 +144,7 @@ class Prefill:
     """One prompt's prefill, shared by every policy."""
 
     input_ids: torch.Tensor  # [1, T]
-    queries: list  # per layer [1, Hq, T, D], RoPE applied
+    queries: list  # per layer [1, Hq, T, D], RoPE applied (after a question: its q only)
     keys: list  # per layer [1, Hkv, T, D]
     values: list
     next_token: int  # the greedy token after the prompt: the same for every policy
@@ -168,6 +168,33 @@ def prefill(model, input_ids: torch.Tensor) -> Prefill:
     layers = range(len(rec.keys))
     return Prefill(
         input_ids,
+        [rec.queries[i] for i in layers],
+        [rec.keys[i] for i in layers],
+        [rec.values[i] for i in layers],
+        int(logits[0, -1].argmax()),
+        rec.scaling,
+    )
+
+
+@torch.no_grad()
+def extend(model, pre: Prefill, question: list[int]) -> Prefill:
+    """``pre`` continued by ``question``, read over the whole cache (question mode): the
+    sequence's keys and values, the question's queries (the last ones a policy's window
+    reads) and the greedy token after the question."""
+    cache, _, _ = stack_caches([compact(pre, [None] * pre.num_layers)], spare=len(question))
+    tokens = torch.tensor([question], device=pre.input_ids.device)
+    positions = torch.arange(pre.seq_len, pre.seq_len + len(question), device=tokens.device)
+    with recording(model, Recorder(capture_qkv=True)) as rec:
+        logits = model(
+            tokens,
+            **cache_kwargs(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+            position_ids=positions[None],
+        ).logits
+    layers = range(pre.num_layers)
+    return Prefill(
+        torch.cat([pre.input_ids, tokens], dim=1),
         [rec.queries[i] for i in layers],
         [rec.keys[i] for i in layers],
         [rec.values[i] for i in layers],

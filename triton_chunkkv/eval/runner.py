@@ -33,9 +33,10 @@ RESUME_FIELDS = ("model", "seed", "chat", "engine", "dtype")
 @dataclass(frozen=True)
 class Method:
     """A policy name with options, e.g. ``chunkkv:window=16,sink_tokens=4``. Two options are
-    the adapters', not the policy's: ``reuse_layers=N`` (layer-wise index reuse) and
-    ``mode=dynamic`` (the chunks re-selected at every decode step; such a method runs through
-    the HF adapter, its budget is what a step reads)."""
+    the adapters', not the policy's: ``reuse_layers=N`` (layer-wise index reuse) and ``mode``:
+    ``dynamic`` (the chunks re-selected at every decode step, its budget is what a step reads)
+    or ``question`` (in the question-agnostic setting, the chunks selected again once the
+    question is read over the whole cache; in the question-aware one the same as evict)."""
 
     name: str
     options: tuple[tuple[str, object], ...] = ()
@@ -174,6 +175,7 @@ class Run(NamedTuple):
     kept: list  # per layer: prompt tokens kept (dynamic mode: read per step)
     tokens: list | None  # the adapter's tokens (adapter runs), else decoded in the batch
     select_seconds: float  # the method's selection time over its ratios, shared equally
+    after_question: bool  # question mode after a question: selected on context + question
 
 
 def dynamic_read_length(index, seq_len: int) -> int:
@@ -297,12 +299,20 @@ def run_prompt(
     by_method = {}
     for method, ratio in todo:
         by_method.setdefault(method, []).append(ratio)
+    asked = None  # question mode: the context's prefill continued by the question, built once
     for method, ratios in by_method.items():
+        policy = method.policy(tokenizer)
+        after_question = engine == "shared" and core.selects_again(
+            method.mode, policy, len(question), T + len(question)
+        )
+        if after_question and asked is None:
+            asked = eng.extend(model, pre, list(question))
+        source = asked if after_question else pre
         budgets = [
-            T if ratio is None else reference.resolve_budget(T, ratio=ratio) for ratio in ratios
+            T if ratio is None else reference.resolve_budget(source.seq_len, ratio=ratio)
+            for ratio in ratios
         ]
         select_start = time.perf_counter()
-        policy = method.policy(tokenizer)
         if method.name == "fullkv":
             chosen = [(keep_all, [T] * pre.num_layers, None)]
         elif engine == "adapter":
@@ -329,18 +339,20 @@ def run_prompt(
                 chosen.append((layers, kept, None))
         else:
             chosen = [
-                (selections, [kept_length(s, T) for s in selections], None)
-                for selections in eng.select_layers(pre, policy, budgets, method.reuse_layers)
+                (selections, [kept_length(s, source.seq_len) for s in selections], None)
+                for selections in eng.select_layers(source, policy, budgets, method.reuse_layers)
             ]
         seconds = (time.perf_counter() - select_start) / len(ratios)
         runs += [
-            Run(method, ratio, budget, selections, kept, tokens, seconds)
+            Run(method, ratio, budget, selections, kept, tokens, seconds, after_question)
             for ratio, budget, (selections, kept, tokens) in zip(ratios, budgets, chosen)
         ]
 
     # Row 0 is the full cache; fullkv results read it instead of a row of their own; adapter
-    # runs decoded already. A dynamic run's "selections" are its layers' caches.
-    compressed = [run for run in runs if run.method.name != "fullkv" and run.tokens is None]
+    # runs decoded already. A dynamic run's "selections" are its layers' caches. Question-mode
+    # runs after a question start past it: they decode apart.
+    pending = [run for run in runs if run.method.name != "fullkv" and run.tokens is None]
+    compressed = [run for run in pending if not run.after_question]
     rows = {id(run): row for row, run in enumerate(compressed, start=1)}
     caches = [eng.compact(pre, keep_all)] + [
         run.selections if run.method.mode == "dynamic" else eng.compact(pre, run.selections)
@@ -356,6 +368,18 @@ def run_prompt(
         stop_ids,
         list(question),
     )
+    late = [run for run in pending if run.after_question]
+    late_tokens = in_batches(
+        eng.greedy_decode,
+        model,
+        asked,
+        [eng.compact(asked, run.selections) for run in late],
+        max_batch,
+        example.max_new_tokens,
+        stop_ids,
+    )
+    tokens = {id(run): row for run, row in zip(late, late_tokens)}
+    tokens.update({id(run): decoded[rows[id(run)]] for run in compressed})
     continuation = list(question) + decoded[0]
     traces = (
         in_batches(eng.trace, model, pre, caches, max_batch, continuation) if fidelity else None
@@ -365,9 +389,8 @@ def run_prompt(
     records = []
     for run in runs:
         row = rows.get(id(run), 0)
-        text = tokenizer.decode(
-            decoded[row] if run.tokens is None else run.tokens, skip_special_tokens=True
-        )
+        generated = run.tokens if run.tokens is not None else tokens.get(id(run), decoded[0])
+        text = tokenizer.decode(generated, skip_special_tokens=True)
         extracted = extracted_answer(example, text)
         record = {
             "task": example.task,

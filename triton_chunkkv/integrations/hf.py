@@ -25,6 +25,11 @@ How it hooks in, without patching model code:
   :class:`CompressedLayer` at once (an error part way changes nothing). That layer reports the
   true sequence length, so positions never shift (SPEC "Positions"): after a ``T``-token prompt
   the next token has position ``T`` whatever the kept length.
+* ``mode="question"`` keeps every key: a later call of several tokens (a question after a
+  context, at least the policy's window) runs dense over the whole cache and selects again,
+  with its own last queries, as the prefill of everything so far would; the steps after it
+  read only that selection. Layer 0 carries the sequence's token ids for policies that read
+  them.
 
 The selection, compaction and decode bookkeeping is the framework-neutral core in
 :mod:`triton_chunkkv.cache`; this module is transformers plumbing. Batches may be left padded
@@ -191,6 +196,7 @@ class CompressedLayer(GrowingLayer):
         self.sparse = compressed.sparse
         self.prompt_len = seq_len  # positions from here on are tokens appended after compression
         self.decode_checked = False  # sparse_decode validates the selection on the first step
+        self.token_ids = None  # question mode, layer 0: the ids of the sequence so far [B, len]
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] + self.dropped
@@ -212,6 +218,8 @@ class CompressedLayer(GrowingLayer):
         rows = rows.to(self.device)
         if self.key_start is not None:
             self.key_start = self.key_start[rows]
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[rows.to(self.token_ids.device)]
         if self.sparse is not None:
             self.sparse = self.sparse.select_rows(rows)
 
@@ -244,7 +252,9 @@ class _Session:
     state: ChunkKVState
     sliding_window: int | None = None  # the smallest sliding window of any layer
     caches: dict = field(default_factory=dict)  # layer index -> the Cache of this call
-    input_ids: torch.Tensor | None = None  # the token ids of the current forward call
+    # The token ids of the current forward call; in question mode on a compressed cache, of
+    # the whole sequence up to the end of this call.
+    input_ids: torch.Tensor | None = None
     prefill: _Prefill | None = None
 
 
@@ -334,7 +344,12 @@ def chunkkv(
             ``ops.sparse_decode``, to the kept chunks and the dense tail only;
             ``"dynamic"``: the cache keeps everything and every decode step reads the chunks
             that its own query's bounds score highest (``ops.select_decode_chunks``, on the
-            policy's chunk grid), as many as the budget allows, plus the dense tail.
+            policy's chunk grid), as many as the budget allows, plus the dense tail;
+            ``"question"``: as ``"sparse"``, and every later call of at least ``window``
+            tokens (a question after a context) attends to the whole cache and selects again
+            with its own last ``window`` queries (the budget from the sequence's new length),
+            so the steps that answer it read the chunks that question points at; a shorter
+            call reads the current selection.
         policy: any :class:`~triton_chunkkv.policies.Policy`; ``None`` builds ``ChunkKV``.
 
     Yields:
@@ -417,8 +432,18 @@ def cache_kwargs(model, cache) -> dict:
 
 
 def _remember_input_ids(session, model, args, kwargs):
-    """Model pre-hook: the call's ``input_ids`` (``None`` when it gets embeddings)."""
-    session.input_ids = kwargs.get("input_ids", args[0] if args else None)
+    """Model pre-hook: the call's ``input_ids`` (``None`` when it gets embeddings); in question
+    mode on a compressed cache, appended to the sequence's ids that layer 0 carries."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
+    first = caches[0].layers[0] if caches and caches[0].layers else None
+    if isinstance(first, CompressedLayer) and first.token_ids is not None:
+        known = ids is not None and len(ids) == len(first.token_ids)
+        first.token_ids = (
+            torch.cat([first.token_ids, ids.to(first.token_ids)], 1) if known else None
+        )
+        ids = first.token_ids
+    session.input_ids = ids
 
 
 def _remember_cache(module, args, kwargs):
@@ -466,14 +491,18 @@ def chunkkv_attention(
         )
     layer = cache.layers[module.layer_idx]
     _check_call(session, module, layer, attention_mask, kwargs.get("sliding_window"))
+    question = core.selects_again(session.mode, session.policy, q_len, key.shape[2])
     if isinstance(layer, CompressedLayer):
         if q_len > 1 and attention_mask is not None:
             _check_no_padding_after(layer.prompt_len, attention_mask)
-        return _decode(module, layer, query, key, value, scaling, dropout)
+        if not question:
+            return _decode(module, layer, query, key, value, scaling, dropout)
+    # A prefill (this call filled an empty cache) or a question-mode question: dense over the
+    # whole cache (question mode never drops a key), then select.
     key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
     mask = core.causal_mask(q_len, key.shape[2], key_valid, device=query.device)
     out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-    if key.shape[2] == q_len:  # this call filled an empty cache
+    if key.shape[2] == q_len or question:
         _stage_layer(session, module.layer_idx, cache, query, key, value, attention_mask, scaling)
     return out
 
@@ -595,10 +624,19 @@ def _commit(session, prefill: _Prefill) -> None:
     """Every layer has its result: swap them into the cache and the state together."""
     state = session.state
     layers = [prefill.staged.layers[layer] for layer in range(state.num_layers)]
+    new_layers = {}
     for layer, (_, compressed) in enumerate(layers):
+        old = prefill.cache.layers[layer]
+        if compressed is None and session.mode == "question":  # keeps all: read densely
+            pads = [old.keys.shape[-2] - T for T in prefill.prompt_lengths]
+            key_start = torch.tensor(pads, device=old.device) if any(pads) else None
+            compressed = core.CompressedKV(old.keys, old.values, key_start, None, [])
         if compressed is not None:
-            seq_len = prefill.cache.layers[layer].get_seq_length()
-            prefill.cache.layers[layer] = CompressedLayer(compressed, seq_len=seq_len)
+            new_layers[layer] = CompressedLayer(compressed, seq_len=old.get_seq_length())
+    if session.mode == "question":  # the ids a later question's policy reads
+        new_layers[0].token_ids = session.input_ids
+    for layer, new in new_layers.items():
+        prefill.cache.layers[layer] = new
     state.prompt_lengths, state.budgets = prefill.prompt_lengths, prefill.budgets
     state.selections = [selection for selection, _ in layers]
     state.kept_lengths = [

@@ -5,7 +5,9 @@
 
 The call on an empty cache is the prefill (dense causal attention, then selection and
 compression); later calls attend to the compacted cache (``mode="evict"``) or the kept chunks
-of the full cache (``mode="sparse"``). Rows share one prompt length. The bookkeeping is
+of the full cache (``mode="sparse"``). With ``mode="question"`` a later call of at least the
+policy's window (a question) runs dense over the whole cache and selects again, as a prefill of
+everything so far would. Rows share one prompt length. The bookkeeping is
 :mod:`triton_chunkkv.cache`'s.
 """
 
@@ -70,8 +72,9 @@ class ChunkKVCache:
         return caches
 
     def prefill(self, query, key, value, scaling, input_ids=None) -> None:
-        """Select, then keep the compacted (evict) or whole (sparse) prompt: all computed
-        before the cache changes."""
+        """Select, then keep the compacted (evict) or whole (sparse, question) prompt: all
+        computed before the cache changes. ``query`` holds the last queries of ``key``'s
+        sequence (all of them on the first call)."""
         pads = [0] * key.shape[0]
         budget = resolve_budget(key.shape[2], self.budget, self.ratio)
         if self.mode == "dynamic":  # every decode step selects: no prefill-time selection
@@ -100,12 +103,14 @@ class ChunkKVCache:
         self.keys, self.values = (key, value) if kv is None else (kv.keys, kv.values)
         self.sparse = None if kv is None else kv.sparse
         self.selection, self.seq_len = selection, key.shape[2]
+        self.decode_checked = False
 
 
 def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, input_ids=None):
     """Append ``key``/``value [B, Hkv, S, D]`` to ``cache`` and attend with ``query
-    [B, Hq, S, D]``; returns ``[B, Hq, S, D]``. ``input_ids [B, S]`` (prefill only) go to
-    ``policy.on_prompt``. Every argument is checked before the cache changes."""
+    [B, Hq, S, D]``; returns ``[B, Hq, S, D]``. ``input_ids`` go to ``policy.on_prompt``:
+    the prompt's ``[B, S]`` on the prefill, the whole sequence's ``[B, seq_len + S]`` on a
+    question-mode call of several tokens. Every argument is checked before the cache changes."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, 4)
     if not isinstance(cache, ChunkKVCache):
@@ -128,6 +133,10 @@ def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, i
         cache.prefill(query, key, value, scaling, input_ids)
         return out
     keys, values = torch.cat([cache.keys, key], dim=2), torch.cat([cache.values, value], dim=2)
+    if core.selects_again(cache.mode, cache.policy, key.shape[2], keys.shape[2]):  # a question
+        out = core.dense_attention(query, keys, values, scaling)
+        cache.prefill(query, keys, values, scaling, input_ids)
+        return out
     if cache.sparse is None:
         out = core.dense_attention(query, keys, values, scaling)
     else:

@@ -151,7 +151,8 @@ def select_prompt(
         return [None] * len(budgets)
     if queries is not None and queries.shape[2] < window:
         raise ValueError(
-            f"{policy.name} reads the last {window} prompt queries, got {queries.shape[2]}"
+            f"{policy.name} reads the last {window} queries of the call that selects (the "
+            f"prompt, or in mode='question' the question), got {queries.shape[2]}"
         )
     if input_ids is not None:
         policy.on_prompt(input_ids)
