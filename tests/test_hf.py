@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from triton_chunkkv import ops
 from triton_chunkkv.integrations.hf import ATTENTION_NAME, CompressedLayer, cache_kwargs, chunkkv
 from triton_chunkkv.ops import reference
-from triton_chunkkv.policies import ChunkKV, Policy, Selection
+from triton_chunkkv.policies import H2O, ChunkKV, Policy, Selection
 
 WINDOW, CHUNK = 8, 4
 FAMILIES = {
@@ -593,6 +593,7 @@ def hooks_of(model):
         (dict(), ValueError, "exactly one of budget and ratio"),
         (dict(ratio=1.5), ValueError, "ratio"),
         (dict(budget=10, mode="dense"), ValueError, "mode"),
+        (dict(budget=10, mode="question", policy=H2O()), ValueError, "window=None"),
         (dict(budget=10, reuse_layers=0), ValueError, "reuse_layers"),
         (dict(budget=10, chunk_size=0), ValueError, "chunk_size"),
         (dict(budget=10, pool_kernel=2), ValueError, "pool_kernel"),

@@ -126,3 +126,37 @@ def test_one_compressed_context_answers_several_questions(smollm):
         forward
         == pipe(context, questions=questions, answer_prefix=prefix, keep_ratio=0.5)["answers"]
     )
+
+
+def test_question_mode_selects_for_each_question(smollm):
+    """Question mode in the context/question pipeline: each question, read over the whole
+    cache, selects again (phrase-boundary chunks, the policy shown context and question), so
+    each answer is the one a sparse-mode prefill of context and question gives."""
+    import triton_chunkkv.integrations.pipeline as chunkkv_pipeline
+    from triton_chunkkv.policies import make_policy
+
+    model, tokenizer = smollm
+    people = {"Alice": "Paris", "Bruno": "Oslo", "Chen": "Lima"}
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 5
+    context = "".join(f"{filler}{name} lives in {city}. " for name, city in people.items())
+    prefix = "The answer is"
+    policy = make_policy("chunkkv_phrase", tokenizer=tokenizer, window=8)  # within a question
+    options = dict(keep_ratio=0.1, policy=policy)
+    compressed = chunkkv_pipeline.CompressedContext.compress(
+        model, tokenizer, context, mode="question", **options
+    )
+    for name in people:
+        question = f"Where does {name} live?"
+        head, tail = chunkkv_pipeline.prompt_segments(tokenizer, context, question, prefix)
+        ids = torch.cat(
+            [
+                chunkkv_pipeline.segment_ids(tokenizer, text, first, chat=True)
+                for text, first in ((head, True), (tail, False))
+            ],
+            dim=1,
+        ).to(model.device)
+        with chunkkv(model, mode="sparse", **options) as state, torch.no_grad():
+            out = model.generate(ids, max_new_tokens=64, do_sample=False)
+        assert max(state.kept_lengths[0]) <= ids.shape[1] // 10
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        assert compressed.answer(question, answer_prefix=prefix) == expected

@@ -10,7 +10,7 @@ import torch
 from triton_chunkkv import ops
 from triton_chunkkv.integrations.torch_attention import ChunkKVCache, chunkkv_attention
 from triton_chunkkv.ops import reference
-from triton_chunkkv.policies import ChunkKV
+from triton_chunkkv.policies import H2O, ChunkKV
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -75,8 +75,8 @@ def test_prefill_compresses_and_decode_attends_to_the_kept_tokens(mode, dtype):
 
 def test_question_mode_selects_again_on_a_question():
     """A several-token call on a question-mode cache attends to everything so far and selects
-    as a prefill of everything so far would; the steps after it, and a call shorter than the
-    policy's window, read that selection."""
+    as a prefill of everything so far would; the steps after it read that selection. A call
+    shorter than the policy's window selects with all of its queries."""
     T = 97
     query, key, value = qkv(T)
     cache = ChunkKVCache(budget=30, policy=ChunkKV(**POLICY), mode="question")
@@ -88,16 +88,16 @@ def test_question_mode_selects_again_on_a_question():
     expected = ops.compress(q_new[:, :, -8:], keys, values, budget=30, **POLICY)
     assert torch.equal(cache.selection.chunk_idx, expected.chunk_idx)
     assert cache.seq_len == T + 11 and cache.keys.shape[2] == T + 11
-    kept_k, kept_v = expected.keys, expected.values
-    selection = cache.selection
-    for q_len in (1, 3):  # a step, then a call shorter than the window: the same selection
-        q_step, k_step, v_step = qkv(q_len)
-        out = chunkkv_attention(q_step, k_step, v_step, cache)
-        kept_k, kept_v = torch.cat([kept_k, k_step], 2), torch.cat([kept_v, v_step], 2)
-        torch.testing.assert_close(
-            out, attention(q_step, kept_k, kept_v), **TOLERANCES[torch.float32]
-        )
-        assert cache.selection is selection
+    q_step, k_step, v_step = qkv(1)
+    out = chunkkv_attention(q_step, k_step, v_step, cache)
+    kept_k, kept_v = torch.cat([expected.keys, k_step], 2), torch.cat([expected.values, v_step], 2)
+    torch.testing.assert_close(out, attention(q_step, kept_k, kept_v), **TOLERANCES[torch.float32])
+    q_short, k_short, v_short = qkv(3)  # shorter than the window: it scores with its 3 queries
+    chunkkv_attention(q_short, k_short, v_short, cache)
+    keys = torch.cat([keys, k_step, k_short], 2)
+    shrunk = ops.compress(q_short, keys, keys, budget=30, chunk_size=5, window=3)
+    assert torch.equal(cache.selection.chunk_idx, shrunk.chunk_idx)
+    assert cache.selection.tail_start == shrunk.tail_start and cache.seq_len == T + 15
 
 
 def test_budget_covering_the_prompt_keeps_everything():
@@ -136,6 +136,7 @@ def test_leader_selection_is_reused_without_scoring():
     [
         (lambda: ChunkKVCache(budget=3, ratio=0.1), ValueError, "exactly one of budget and ratio"),
         (lambda: ChunkKVCache(budget=3, mode="dense"), ValueError, "mode"),
+        (lambda: ChunkKVCache(budget=3, mode="question", policy=H2O()), ValueError, "window"),
         (lambda: ChunkKVCache(budget=3, policy="chunkkv"), TypeError, "policy"),
         (lambda: ChunkKVCache(budget=3, layer=2, num_layers=2), ValueError, "num_layers"),
         (lambda: ChunkKVCache(budget=3, leader=object()), TypeError, "leader"),

@@ -23,6 +23,7 @@ from a user, and the public ops' checks would sync with the host on every layer.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -53,19 +54,31 @@ MODES = ("evict", "sparse", "dynamic", "question")
 IN_PLACE_MODES = ("sparse", "question")
 
 
-def check_mode(mode) -> None:
+def check_mode(mode, policy: Policy | None = None) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "question" and policy is not None and policy.window is None:
+        raise ValueError(
+            f"mode='question' selects with a question's last queries; {policy.name} scores "
+            "with every prompt query (window=None): use another mode or policy"
+        )
 
 
-def selects_again(mode: str, policy: Policy, q_len: int, seq_len: int) -> bool:
-    """Whether a call of ``q_len`` tokens that brings the cache to ``seq_len`` selects again:
-    in question mode, a call of several tokens on a filled cache (a question) that holds the
-    policy's observation window. A shorter call reads the current selection, as in sparse
-    mode; so does every call of a policy that scores with all prompt queries (H2O)."""
-    return (
-        mode == "question" and 1 < q_len < seq_len and q_len >= observation_window(policy, seq_len)
-    )
+def question_policy(mode: str, policy: Policy, q_len: int, seq_len: int) -> Policy | None:
+    """The policy a call of ``q_len`` tokens that brings the cache to ``seq_len`` selects
+    again with, or ``None`` when it does not select again: in question mode, every call of
+    several tokens on a filled cache (a question) selects. A question shorter than the
+    policy's observation window scores with all of its queries: the window shrinks to it."""
+    if mode != "question" or not 1 < q_len < seq_len:
+        return None
+    if q_len >= observation_window(policy, seq_len):
+        return policy
+    if "window" not in {f.name for f in dataclasses.fields(policy)}:
+        raise ValueError(
+            f"a question of {q_len} tokens is shorter than {policy.name}'s window "
+            f"{policy.window}, which cannot be shrunk: ask with at least {policy.window} tokens"
+        )
+    return dataclasses.replace(policy, window=q_len)
 
 
 def kept_fraction(ratio, keep_ratio):

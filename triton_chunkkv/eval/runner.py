@@ -302,9 +302,12 @@ def run_prompt(
     asked = None  # question mode: the context's prefill continued by the question, built once
     for method, ratios in by_method.items():
         policy = method.policy(tokenizer)
-        after_question = engine == "shared" and core.selects_again(
+        question_policy = core.question_policy(
             method.mode, policy, len(question), T + len(question)
         )
+        after_question = engine == "shared" and question_policy is not None
+        if after_question:
+            policy = question_policy
         if after_question and asked is None:
             asked = eng.extend(model, pre, list(question))
         source = asked if after_question else pre

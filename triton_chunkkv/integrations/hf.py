@@ -26,10 +26,9 @@ How it hooks in, without patching model code:
   true sequence length, so positions never shift (SPEC "Positions"): after a ``T``-token prompt
   the next token has position ``T`` whatever the kept length.
 * ``mode="question"`` keeps every key: a later call of several tokens (a question after a
-  context, at least the policy's window) runs dense over the whole cache and selects again,
-  with its own last queries, as the prefill of everything so far would; the steps after it
-  read only that selection. Layer 0 carries the sequence's token ids for policies that read
-  them.
+  context) runs dense over the whole cache and selects again, with its own last queries, as
+  the prefill of everything so far would; the steps after it read only that selection.
+  Layer 0 carries the sequence's token ids for policies that read them.
 
 The selection, compaction and decode bookkeeping is the framework-neutral core in
 :mod:`triton_chunkkv.cache`; this module is transformers plumbing. Batches may be left padded
@@ -345,11 +344,11 @@ def chunkkv(
             ``"dynamic"``: the cache keeps everything and every decode step reads the chunks
             that its own query's bounds score highest (``ops.select_decode_chunks``, on the
             policy's chunk grid), as many as the budget allows, plus the dense tail;
-            ``"question"``: as ``"sparse"``, and every later call of at least ``window``
-            tokens (a question after a context) attends to the whole cache and selects again
-            with its own last ``window`` queries (the budget from the sequence's new length),
-            so the steps that answer it read the chunks that question points at; a shorter
-            call reads the current selection.
+            ``"question"``: as ``"sparse"``, and every later call of several tokens (a
+            question after a context) attends to the whole cache and selects again with its
+            own last ``window`` queries (all of them when it is shorter; the budget from the
+            sequence's new length), so the steps that answer it read the chunks that question
+            points at.
         policy: any :class:`~triton_chunkkv.policies.Policy`; ``None`` builds ``ChunkKV``.
 
     Yields:
@@ -369,6 +368,7 @@ def chunkkv(
         share_heads=share_heads,
         pool_kernel=pool_kernel,
     )
+    core.check_mode(mode, policy)
     modules = check_model(model)
 
     state = ChunkKVState(
@@ -491,7 +491,7 @@ def chunkkv_attention(
         )
     layer = cache.layers[module.layer_idx]
     _check_call(session, module, layer, attention_mask, kwargs.get("sliding_window"))
-    question = core.selects_again(session.mode, session.policy, q_len, key.shape[2])
+    question = core.question_policy(session.mode, session.policy, q_len, key.shape[2])
     if isinstance(layer, CompressedLayer):
         if q_len > 1 and attention_mask is not None:
             _check_no_padding_after(layer.prompt_len, attention_mask)
@@ -503,7 +503,10 @@ def chunkkv_attention(
     mask = core.causal_mask(q_len, key.shape[2], key_valid, device=query.device)
     out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
     if key.shape[2] == q_len or question:
-        _stage_layer(session, module.layer_idx, cache, query, key, value, attention_mask, scaling)
+        policy = question or session.policy
+        _stage_layer(
+            session, module.layer_idx, cache, query, key, value, attention_mask, scaling, policy
+        )
     return out
 
 
@@ -571,9 +574,10 @@ def _decode(module, layer, query, key, value, scaling, dropout):
 # ---------------------------------------------------------------------------------------------
 
 
-def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, scaling):
-    """Selects and compresses one layer of the prefill into the stage; the last layer swaps
-    the whole stage into ``cache`` and the state."""
+def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, scaling, policy):
+    """Selects (with ``policy``: the session's, or a question's) and compresses one layer of
+    the prefill into the stage; the last layer swaps the whole stage into ``cache`` and the
+    state."""
     B, _, T_pad, _ = key.shape
     if layer_idx == 0:  # every layer of the prefill sees the same padding: read it once
         lengths = [T_pad - pad for pad in _left_padding(attention_mask, B, T_pad, key.device)]
@@ -598,7 +602,7 @@ def _stage_layer(session, layer_idx, cache, query, key, value, attention_mask, s
         if input_ids is not None and tuple(input_ids.shape) != (B, T_pad):
             input_ids = None  # not the prompt of this prefill (e.g. a model called on embeddings)
         selection = core.select_rows(
-            session.policy,
+            policy,
             query,
             key,
             pads=pads,

@@ -5,9 +5,9 @@
 
 The call on an empty cache is the prefill (dense causal attention, then selection and
 compression); later calls attend to the compacted cache (``mode="evict"``) or the kept chunks
-of the full cache (``mode="sparse"``). With ``mode="question"`` a later call of at least the
-policy's window (a question) runs dense over the whole cache and selects again, as a prefill of
-everything so far would. Rows share one prompt length. The bookkeeping is
+of the full cache (``mode="sparse"``). With ``mode="question"`` a later call of several tokens
+(a question) runs dense over the whole cache and selects again, as a prefill of everything so
+far would. Rows share one prompt length. The bookkeeping is
 :mod:`triton_chunkkv.cache`'s.
 """
 
@@ -49,6 +49,7 @@ class ChunkKVCache:
         for name, value, kind in (("policy", policy, Policy), ("leader", leader, ChunkKVCache)):
             if value is not None and not isinstance(value, kind):
                 raise TypeError(f"{name} must be a {kind.__name__} or None, got {value!r}")
+        core.check_mode(mode, policy)
         check_int("layer", layer, minimum=0)
         check_int("num_layers", num_layers, minimum=layer + 1)
         self.budget, self.ratio, self.mode = budget, ratio, mode
@@ -71,10 +72,11 @@ class ChunkKVCache:
             caches.append(cls(layer=layer, num_layers=num_layers, leader=leader, **options))
         return caches
 
-    def prefill(self, query, key, value, scaling, input_ids=None) -> None:
+    def prefill(self, query, key, value, scaling, input_ids=None, policy=None) -> None:
         """Select, then keep the compacted (evict) or whole (sparse, question) prompt: all
         computed before the cache changes. ``query`` holds the last queries of ``key``'s
-        sequence (all of them on the first call)."""
+        sequence (all of them on the first call); ``policy`` (a question's) replaces the
+        cache's own for this selection."""
         pads = [0] * key.shape[0]
         budget = resolve_budget(key.shape[2], self.budget, self.ratio)
         if self.mode == "dynamic":  # every decode step selects: no prefill-time selection
@@ -89,7 +91,7 @@ class ChunkKVCache:
             selection = self.leader.selection
         else:
             selection = core.select_rows(
-                self.policy,
+                policy or self.policy,
                 query,
                 key,
                 pads=pads,
@@ -133,9 +135,10 @@ def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, i
         cache.prefill(query, key, value, scaling, input_ids)
         return out
     keys, values = torch.cat([cache.keys, key], dim=2), torch.cat([cache.values, value], dim=2)
-    if core.selects_again(cache.mode, cache.policy, key.shape[2], keys.shape[2]):  # a question
+    question = core.question_policy(cache.mode, cache.policy, key.shape[2], keys.shape[2])
+    if question:  # dense over everything so far, then select again
         out = core.dense_attention(query, keys, values, scaling)
-        cache.prefill(query, keys, values, scaling, input_ids)
+        cache.prefill(query, keys, values, scaling, input_ids, question)
         return out
     if cache.sparse is None:
         out = core.dense_attention(query, keys, values, scaling)
