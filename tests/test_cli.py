@@ -108,6 +108,8 @@ EVAL_ERRORS = [
     ("--methods chunkkv:window=0", "--methods chunkkv:window=0: window must be >= 1, got 0"),
     ("--methods chunkkv:foo=1", "--methods chunkkv:foo=1: ChunkKV.__init__() got an unexpected"),
     ("--methods chunkkv:window", "options are key=value"),
+    ("--methods chunkkv:mode=dense", "--methods chunkkv:mode=dense: mode must be one of"),
+    ("--methods h2o:mode=question", "--methods h2o:mode=question: mode='question' selects"),
     ("--ratios 1.5", "argument --ratios: must be a number in (0, 1), got 1.5"),
     ("--ratios 0.2 1", "argument --ratios: must be a number in (0, 1), got 1"),
     ("--lengths 0", "argument --lengths: must be >= 1, got 0"),

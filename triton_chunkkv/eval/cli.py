@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import arguments
+from .. import cache as core
 from ..arguments import UsageError
 from ..models import DEFAULT_MAX_POSITIONS, max_positions
 from ..policies import POLICIES
@@ -98,7 +99,7 @@ def check_arguments(args) -> None:
     for spec in args.methods:
         method = parse_method(spec)
         try:
-            method.policy(_DecodeOnly())
+            core.check_mode(method.mode, method.policy(_DecodeOnly()))
         except (TypeError, ValueError) as error:
             raise UsageError(f"--methods {spec}: {error}") from None
     limit = (
