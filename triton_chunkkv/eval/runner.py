@@ -381,7 +381,7 @@ def run_prompt(
         example.max_new_tokens,
         stop_ids,
     )
-    tokens = {id(run): row for run, row in zip(late, late_tokens)}
+    tokens = {id(run): generated for run, generated in zip(late, late_tokens)}
     tokens.update({id(run): decoded[rows[id(run)]] for run in compressed})
     continuation = list(question) + decoded[0]
     traces = (

@@ -495,15 +495,15 @@ def chunkkv_attention(
     if isinstance(layer, CompressedLayer):
         if q_len > 1 and attention_mask is not None:
             _check_no_padding_after(layer.prompt_len, attention_mask)
-        if not question:
+        if question is None:
             return _decode(module, layer, query, key, value, scaling, dropout)
     # A prefill (this call filled an empty cache) or a question-mode question: dense over the
     # whole cache (question mode never drops a key), then select.
     key_valid = attention_mask[:, : key.shape[2]] if attention_mask is not None else None
     mask = core.causal_mask(q_len, key.shape[2], key_valid, device=query.device)
     out = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-    if key.shape[2] == q_len or question:
-        policy = question or session.policy
+    if key.shape[2] == q_len or question is not None:
+        policy = session.policy if question is None else question
         _stage_layer(
             session, module.layer_idx, cache, query, key, value, attention_mask, scaling, policy
         )

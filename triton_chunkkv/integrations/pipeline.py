@@ -4,7 +4,10 @@ kvpress's question-agnostic setting: the prompt is cut into the context (chat te
 then the document) and the question (then the template's tail and the answer prefix). The
 context alone is prefilled and compressed, so the observation window is the end of the
 context: selection cannot know which question comes. Each question then runs on a copy of the
-compressed cache, as a several-token call followed by ordinary decoding.
+compressed cache, as a several-token call followed by ordinary decoding. With
+``mode="question"`` the cache keeps every key and each question selects again when it is read
+(over context and question, with the question's last queries), so its answer reads the chunks
+that question points at.
 
     from triton_chunkkv.integrations.pipeline import CompressedContext
 

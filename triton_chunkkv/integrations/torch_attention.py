@@ -136,7 +136,7 @@ def chunkkv_attention(query, key, value, cache: ChunkKVCache, *, scaling=None, i
         return out
     keys, values = torch.cat([cache.keys, key], dim=2), torch.cat([cache.values, value], dim=2)
     question = core.question_policy(cache.mode, cache.policy, key.shape[2], keys.shape[2])
-    if question:  # dense over everything so far, then select again
+    if question is not None:  # dense over everything so far, then select again
         out = core.dense_attention(query, keys, values, scaling)
         cache.prefill(query, keys, values, scaling, input_ids, question)
         return out
