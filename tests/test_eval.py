@@ -426,3 +426,32 @@ def test_engine_dynamic_mode_decodes_what_the_adapter_generates(tiny, setting, o
     assert tokens[2] == expected
     assert tokens[2] != tokens[0]  # it did read less than the whole cache
     assert all(n <= budget for n in kept)
+
+
+def test_goal_is_met_only_at_the_goal_read():
+    """The goal table's verdict: the accuracy share at the goal's budget, met only when a
+    decode step there reads no more than the budget (dynamic mode's key bounds count)."""
+    from triton_chunkkv.eval.report import goal_table
+
+    def record(prompt, method, ratio, correct, kept, bounds=None):
+        return dict(
+            task="passkey", example_id=f"p{prompt}", method=method, ratio=ratio,
+            setting="question-agnostic", correct=correct, prompt_tokens=100,
+            kept_tokens=[kept, kept], bound_tokens=None if bounds is None else [bounds, bounds],
+        )  # fmt: skip
+
+    records = []
+    for p in range(4):
+        records += [
+            record(p, "fullkv", None, True, 100),
+            record(p, "snapkv", 0.1, False, 10),
+            record(p, "question", 0.1, True, 10),
+            record(p, "dynamic", 0.1, True, 10, bounds=20),
+            record(p, "half", 0.1, p < 2, 10),
+        ]
+    methods = ["fullkv", "snapkv", "question", "dynamic", "half"]
+    table = goal_table(records, methods, [0.1], ["passkey"], "question-agnostic")
+    rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
+    assert "| 10.0 % | 100 % [100, 100] met |" in rows["question"]
+    assert "| 30.0 % | 100 % [100, 100] not met: reads 30.0 % |" in rows["dynamic"]
+    assert "missed by 40" in rows["half"] and "snapkv" not in rows
