@@ -71,6 +71,12 @@ def correct_by_prompt(records, **match) -> dict[str, bool]:
     }
 
 
+def present(methods, records) -> list:
+    """The ``methods`` that have records (a method may run in one setting only)."""
+    found = {r["method"] for r in records}
+    return [m for m in methods if m in found]
+
+
 def method_ratio(method, ratio):
     return None if method == "fullkv" else ratio
 
@@ -98,6 +104,7 @@ def counted_tasks(records, tasks) -> tuple[list, list]:
 def accuracy_tables(records, methods, ratios, tasks) -> str:
     """Per task, then over the counted tasks: methods x ratios, exact match in % with its 95 %
     bootstrap interval over prompts (FullKV in every column)."""
+    methods = present(methods, records)
     counted, flagged = counted_tasks(records, tasks)
     out = []
     if flagged:
@@ -150,6 +157,7 @@ def goal_table(records, methods, ratios, tasks, setting) -> str:
     difference to the best baseline at every ratio (95 % bootstrap intervals)."""
     counted, _ = counted_tasks(records, tasks)
     subset = [r for r in records if r["task"] in counted]
+    methods = present(methods, records)
     ours = [m for m in methods if m != "fullkv" and m.partition(":")[0] not in BASELINES]
     baselines = [m for m in methods if m.partition(":")[0] in BASELINES]
     full = correct_by_prompt(subset, method="fullkv")
