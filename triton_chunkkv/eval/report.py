@@ -431,7 +431,12 @@ def write_report(results_dir: Path) -> Path:
         if plot_fidelity(aware, [m for m in methods if m != "fullkv"], ratio, results_dir / name):
             plots.append((f"Per-layer fidelity, {ratio_label(ratio)}", name))
 
-    seconds = sum({r["example_id"]: r["prompt_seconds"] for r in records}.values())
+    # One prompt_seconds per prompt run: a setting, or a resume with more methods, runs again.
+    seconds = sum(
+        seconds for _, _, seconds in {
+            (r["example_id"], setting_of(r), r["prompt_seconds"]) for r in records
+        }
+    )  # fmt: skip
     header = [
         "# ChunkKV answer fidelity against the baselines",
         "",
