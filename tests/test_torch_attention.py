@@ -10,7 +10,7 @@ import torch
 from triton_chunkkv import ops
 from triton_chunkkv.integrations.torch_attention import ChunkKVCache, chunkkv_attention
 from triton_chunkkv.ops import reference
-from triton_chunkkv.policies import H2O, ChunkKV
+from triton_chunkkv.policies import H2O, ChunkKV, Policy
 
 TOLERANCES = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -98,6 +98,27 @@ def test_question_mode_selects_again_on_a_question():
     shrunk = ops.compress(q_short, keys, keys, budget=30, chunk_size=5, window=3)
     assert torch.equal(cache.selection.chunk_idx, shrunk.chunk_idx)
     assert cache.selection.tail_start == shrunk.tail_start and cache.seq_len == T + 15
+
+
+def test_question_mode_question_shorter_than_a_fixed_window_raises():
+    """A policy whose window cannot be shrunk (not a dataclass field) refuses a question
+    shorter than its window with a ValueError naming both, and the cache is left as it was."""
+
+    class FixedWindow(Policy):
+        window = 8
+        name = "fixed"
+
+        def select(self, q_obs, k, *, budget, layer, num_layers, **kwargs):
+            return ChunkKV(**POLICY).select(
+                q_obs, k, budget=budget, layer=layer, num_layers=num_layers
+            )
+
+    cache = ChunkKVCache(budget=30, policy=FixedWindow(), mode="question")
+    chunkkv_attention(*qkv(97), cache)
+    selection = cache.selection
+    with pytest.raises(ValueError, match="3 tokens is shorter than fixed's window 8"):
+        chunkkv_attention(*qkv(3), cache)
+    assert cache.selection is selection and cache.seq_len == 97
 
 
 def test_budget_covering_the_prompt_keeps_everything():

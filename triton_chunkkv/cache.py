@@ -73,7 +73,10 @@ def question_policy(mode: str, policy: Policy, q_len: int, seq_len: int) -> Poli
         return None
     if q_len >= observation_window(policy, seq_len):
         return policy
-    if "window" not in {f.name for f in dataclasses.fields(policy)}:
+    shrinkable = dataclasses.is_dataclass(policy) and "window" in {
+        f.name for f in dataclasses.fields(policy)
+    }
+    if not shrinkable:
         raise ValueError(
             f"a question of {q_len} tokens is shorter than {policy.name}'s window "
             f"{policy.window}, which cannot be shrunk: ask with at least {policy.window} tokens"
