@@ -431,12 +431,18 @@ def cache_kwargs(model, cache) -> dict:
     return {name: cache}
 
 
+def _call_cache(args, kwargs) -> Cache | None:
+    """The ``Cache`` a forward call gets, found by type whatever transformers names the
+    argument (``past_key_values``, ``cache``) or however it is passed."""
+    return next((value for value in (*args, *kwargs.values()) if isinstance(value, Cache)), None)
+
+
 def _remember_input_ids(session, model, args, kwargs):
     """Model pre-hook: the call's ``input_ids`` (``None`` when it gets embeddings); in question
     mode on a compressed cache, appended to the sequence's ids that layer 0 carries."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
-    first = caches[0].layers[0] if caches and caches[0].layers else None
+    cache = _call_cache(args, kwargs)
+    first = cache.layers[0] if cache is not None and cache.layers else None
     if isinstance(first, CompressedLayer) and first.token_ids is not None:
         known = ids is not None and len(ids) == len(first.token_ids)
         first.token_ids = (
@@ -447,10 +453,8 @@ def _remember_input_ids(session, model, args, kwargs):
 
 
 def _remember_cache(module, args, kwargs):
-    """Attention pre-hook: the cache this layer is about to update, found by type whatever
-    transformers names the argument (``past_key_values``, ``cache``) or however it is passed."""
-    caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
-    _SESSIONS[module].caches[module.layer_idx] = caches[0] if caches else None
+    """Attention pre-hook: the cache this layer is about to update (:func:`_call_cache`)."""
+    _SESSIONS[module].caches[module.layer_idx] = _call_cache(args, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
