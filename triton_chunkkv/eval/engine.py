@@ -165,6 +165,12 @@ def prefill(model, input_ids: torch.Tensor) -> Prefill:
         raise ValueError(f"input_ids must have shape [1, T], got {tuple(input_ids.shape)}")
     with recording(model, Recorder(capture_qkv=True)) as rec:
         logits = model(input_ids, use_cache=False, logits_to_keep=1).logits
+    return recorded(rec, input_ids, logits)
+
+
+def recorded(rec: Recorder, input_ids, logits) -> Prefill:
+    """The :class:`Prefill` of ``input_ids`` from a ``capture_qkv`` forward's recorder and
+    its last logits."""
     layers = range(len(rec.keys))
     return Prefill(
         input_ids,
@@ -192,15 +198,7 @@ def extend(model, pre: Prefill, question: list[int]) -> Prefill:
             logits_to_keep=1,
             position_ids=positions[None],
         ).logits
-    layers = range(pre.num_layers)
-    return Prefill(
-        torch.cat([pre.input_ids, tokens], dim=1),
-        [rec.queries[i] for i in layers],
-        [rec.keys[i] for i in layers],
-        [rec.values[i] for i in layers],
-        int(logits[0, -1].argmax()),
-        rec.scaling,
-    )
+    return recorded(rec, torch.cat([pre.input_ids, tokens], dim=1), logits)
 
 
 def select_layers(
