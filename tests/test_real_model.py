@@ -85,6 +85,25 @@ def test_passkey_retrieval_full_vs_chunkkv_vs_tokens(smollm):
     assert found["ChunkKV 20%"] > found["tokens 20%"], summary
 
 
+PEOPLE = {"Alice": "Paris", "Bruno": "Oslo", "Chen": "Lima"}
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 5
+CONTEXT = "".join(f"{FILLER}{name} lives in {city}. " for name, city in PEOPLE.items())
+PREFIX = "The answer is"
+
+
+def context_and_question_ids(tokenizer, question, device):
+    """The pipeline's context and question segments as one prompt, tokenized apart as
+    ``CompressedContext`` tokenizes them."""
+    import triton_chunkkv.integrations.pipeline as chunkkv_pipeline
+
+    head, tail = chunkkv_pipeline.prompt_segments(tokenizer, CONTEXT, question, PREFIX)
+    segments = [
+        chunkkv_pipeline.segment_ids(tokenizer, text, first, chat=True)
+        for text, first in ((head, True), (tail, False))
+    ]
+    return torch.cat(segments, dim=1).to(device)
+
+
 def test_one_compressed_context_answers_several_questions(smollm):
     """The context/question pipeline (question-agnostic): one compression, several questions,
     each on its own copy of the compressed cache. With a budget covering the context the
@@ -96,22 +115,12 @@ def test_one_compressed_context_answers_several_questions(smollm):
     import triton_chunkkv.integrations.pipeline as chunkkv_pipeline
 
     model, tokenizer = smollm
-    people = {"Alice": "Paris", "Bruno": "Oslo", "Chen": "Lima"}
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 5
-    context = "".join(f"{filler}{name} lives in {city}. " for name, city in people.items())
-    questions = [f"Where does {name} live?" for name in people]
-    prefix = "The answer is"
+    context, prefix = CONTEXT, PREFIX
+    questions = [f"Where does {name} live?" for name in PEOPLE]
     pipe = transformers.pipeline(chunkkv_pipeline.TASK, model=model, tokenizer=tokenizer)
     whole = pipe(context, questions=questions, answer_prefix=prefix, keep_ratio=1.0)["answers"]
     for question, answer in zip(questions, whole):
-        head, tail = chunkkv_pipeline.prompt_segments(tokenizer, context, question, prefix)
-        ids = torch.cat(
-            [
-                chunkkv_pipeline.segment_ids(tokenizer, text, first, chat=True)
-                for text, first in ((head, True), (tail, False))
-            ],
-            dim=1,
-        ).to(model.device)
+        ids = context_and_question_ids(tokenizer, question, model.device)
         out = model.generate(ids, max_new_tokens=64, do_sample=False)
         assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
@@ -136,27 +145,16 @@ def test_question_mode_selects_for_each_question(smollm):
     from triton_chunkkv.policies import make_policy
 
     model, tokenizer = smollm
-    people = {"Alice": "Paris", "Bruno": "Oslo", "Chen": "Lima"}
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. " * 5
-    context = "".join(f"{filler}{name} lives in {city}. " for name, city in people.items())
-    prefix = "The answer is"
     policy = make_policy("chunkkv_phrase", tokenizer=tokenizer, window=8)  # within a question
     options = dict(keep_ratio=0.1, policy=policy)
     compressed = chunkkv_pipeline.CompressedContext.compress(
-        model, tokenizer, context, mode="question", **options
+        model, tokenizer, CONTEXT, mode="question", **options
     )
-    for name in people:
+    for name in PEOPLE:
         question = f"Where does {name} live?"
-        head, tail = chunkkv_pipeline.prompt_segments(tokenizer, context, question, prefix)
-        ids = torch.cat(
-            [
-                chunkkv_pipeline.segment_ids(tokenizer, text, first, chat=True)
-                for text, first in ((head, True), (tail, False))
-            ],
-            dim=1,
-        ).to(model.device)
+        ids = context_and_question_ids(tokenizer, question, model.device)
         with chunkkv(model, mode="sparse", **options) as state, torch.no_grad():
             out = model.generate(ids, max_new_tokens=64, do_sample=False)
         assert max(state.kept_lengths[0]) <= ids.shape[1] // 10
         expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        assert compressed.answer(question, answer_prefix=prefix) == expected
+        assert compressed.answer(question, answer_prefix=PREFIX) == expected
